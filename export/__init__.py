@@ -1,0 +1,3 @@
+"""Exporters: one module per target (ONNX, Core ML, OpenVINO) behind one Exporter contract."""
+
+__all__: list[str] = []

@@ -1,0 +1,63 @@
+"""The `instaflow-edge` command line: one subcommand per module in `instaflow_edge.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from instaflow_edge import __version__
+from instaflow_edge.commands import generate, inspect, pending
+from instaflow_edge.errors import UserError
+
+PROG = "instaflow-edge"
+DESCRIPTION = """\
+Take a one-step InstaFlow text-to-image model to the edge: generate with the PyTorch
+reference, export to ONNX Runtime / Core ML / OpenVINO, quantize, validate parity and
+latency, train. Without --model, every command uses the small embedded default model."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (generate, pending, inspect):
+        module.register(subparsers)
+    return parser
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    logger = logging.getLogger("instaflow_edge")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    logger.propagate = False
+    logging.captureWarnings(False)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

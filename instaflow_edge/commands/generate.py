@@ -1,0 +1,118 @@
+"""`instaflow-edge generate`: prompts to PNG files with the PyTorch reference pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from instaflow_edge.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images from prompts (one UNet call each) and save PNG files",
+        description=(
+            "Generate images with the PyTorch reference: latents = noise + v(noise, t=1000, text), "
+            "then the VAE decodes. Image i of a run uses seed SEED+i, so the same seed gives the "
+            "same image whatever the batch size."
+        ),
+    )
+    parser.add_argument(
+        "-p", "--prompt", action="append", default=[], help="a prompt (repeat for several images)"
+    )
+    parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (0)")
+    parser.add_argument(
+        "--model",
+        help="model: 'tiny' (embedded default), 'sd15' (random weights), a directory or a hub id",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device: cpu (default) or cuda; falls back to cpu"
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=Path("instaflow.png"),
+        help="output PNG (several images: NAME-000.png, NAME-001.png, ...) (instaflow.png)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="Euler steps (1: the one-step model; more: a teacher)"
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=0.0, help="classifier-free guidance scale (off if <= 1)"
+    )
+    parser.set_defaults(run=run)
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    prompts = list(prompts)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UserError(f"prompts file {prompts_file} does not exist")
+        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given: use --prompt TEXT or --prompts FILE")
+    for prompt in prompts:
+        if not prompt.strip():
+            raise UserError("empty prompt: describe the image to generate")
+    return prompts
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    if out.suffix.lower() != ".png":
+        raise UserError(f"output {out} must be a .png file name")
+    if not out.parent.is_dir():
+        raise UserError(f"output folder {out.parent} does not exist")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{index:03d}.png") for index in range(count)]
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA was asked for but is not available here: running on cpu")
+        return "cpu"
+    if not requested.startswith(("cpu", "cuda")):
+        raise UserError(f"unknown device {requested!r}: use cpu or cuda")
+    return requested
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompt, args.prompts)
+    paths = output_paths(args.out, len(prompts))
+    if args.batch_size < 1 or args.steps < 1:
+        raise UserError("--batch-size and --steps must be at least 1")
+
+    from tqdm import tqdm
+
+    from instaflow_edge.atomic import atomic_file
+    from instaflow_edge.pipeline import OneStepPipeline
+    from instaflow_edge.quiet import quiet_libraries
+
+    quiet_libraries()
+    pipeline = OneStepPipeline.from_pretrained(args.model, device=resolve_device(args.device))
+    input_ids = pipeline.tokenize(prompts)
+    noise = pipeline.make_noise(range(args.seed, args.seed + len(prompts)))
+    starts = range(0, len(prompts), args.batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) == 1):
+        batch = slice(start, start + args.batch_size)
+        images = pipeline(
+            input_ids=input_ids[batch],
+            noise=noise[batch],
+            num_steps=args.steps,
+            guidance_scale=args.guidance,
+        )
+        for image, path in zip(images, paths[batch], strict=True):
+            with atomic_file(path) as staging:
+                image.save(staging, format="PNG")
+    where = paths[0] if len(paths) == 1 else f"{len(paths)} images, {paths[0]} to {paths[-1].name}"
+    logger.info("wrote %s", where)
+    return 0

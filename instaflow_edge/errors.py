@@ -1,0 +1,5 @@
+"""The one exception type for a user's mistake: the CLI prints its message as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, unknown target, corrupt bundle, empty prompt, ...)."""

@@ -1,0 +1,199 @@
+"""The bundle manifest: read, write and verify `manifest.json` (DESIGN.md section 4).
+
+Imports only the standard library, so edge runtimes can verify a bundle without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from instaflow_edge.atomic import atomic_file
+from instaflow_edge.components import ComponentSpec
+from instaflow_edge.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TRACKED_LIBRARIES = (
+    "instaflow-edge",
+    "torch",
+    "diffusers",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
+    "nncf",
+    "coremltools",
+)
+
+
+class BundleError(UserError):
+    """A bundle that is missing, malformed, or does not match its manifest."""
+
+
+@dataclass
+class SamplingRecipe:
+    """How to run the bundle: one UNet call at timestep 1000, no guidance, then decode latents/scale."""
+
+    latent_shape: list[int]
+    vae_scaling_factor: float
+    image_size: int
+    timestep: float = 1000.0
+    num_steps: int = 1
+    guidance_scale: float = 0.0
+
+
+@dataclass
+class ComponentEntry:
+    """One exported component: its main file, every file it owns with sha256, and its tensors."""
+
+    spec: ComponentSpec
+    file: str
+    files: dict[str, str]
+
+    @classmethod
+    def from_files(cls, bundle_dir: Path, spec: ComponentSpec, file: str, extra: list[str] = ()):
+        return cls(spec=spec, file=file, files=hash_files(bundle_dir, [file, *extra]))
+
+
+@dataclass
+class Manifest:
+    target: str
+    precision: str
+    source_model: dict[str, str]
+    sampling: SamplingRecipe
+    components: dict[str, ComponentEntry]
+    assets: dict[str, str] = field(default_factory=dict)  # tokenizer files etc.: path -> sha256
+    quantization: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    toolkit_version: str = ""
+    library_versions: dict[str, str] = field(default_factory=dict)
+
+    def all_files(self) -> dict[str, str]:
+        files = dict(self.assets)
+        for entry in self.components.values():
+            files.update(entry.files)
+        return files
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "toolkit_version": self.toolkit_version,
+            "library_versions": self.library_versions,
+            "source_model": self.source_model,
+            "target": self.target,
+            "precision": self.precision,
+            "quantization": self.quantization,
+            "sampling": vars(self.sampling),
+            "components": {
+                name: {"file": entry.file, "files": entry.files, **entry.spec.to_dict()}
+                for name, entry in self.components.items()
+            },
+            "assets": self.assets,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            schema_version=data["schema_version"],
+            toolkit_version=data["toolkit_version"],
+            library_versions=data["library_versions"],
+            source_model=data["source_model"],
+            target=data["target"],
+            precision=data["precision"],
+            quantization=data["quantization"],
+            sampling=SamplingRecipe(**data["sampling"]),
+            components={
+                name: ComponentEntry(
+                    spec=ComponentSpec.from_dict(name, entry),
+                    file=entry["file"],
+                    files=dict(entry["files"]),
+                )
+                for name, entry in data["components"].items()
+            },
+            assets=dict(data["assets"]),
+        )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(bundle_dir: Path, paths: list[str]) -> dict[str, str]:
+    """sha256 of each path relative to the bundle; a directory (an .mlpackage) adds every file in it."""
+    bundle_dir = Path(bundle_dir)
+    hashes = {}
+    for relative in paths:
+        path = bundle_dir / relative
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            hashes[file.relative_to(bundle_dir).as_posix()] = sha256_file(file)
+    return hashes
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the installed libraries that shape an export (without importing them)."""
+    found = {}
+    for name in TRACKED_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
+    """Stamp versions and write `manifest.json` atomically; returns its path."""
+    manifest.library_versions = library_versions()
+    manifest.toolkit_version = manifest.library_versions.get("instaflow-edge", "0.0.0+source")
+    path = Path(bundle_dir) / MANIFEST_NAME
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """Parse a bundle's manifest; a clear BundleError when it is absent, malformed or too new."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle {bundle_dir} does not exist or is not a directory")
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path} is not valid JSON: {error}") from error
+    schema = data.get("schema_version") if isinstance(data, dict) else None
+    if schema != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path} has schema version {schema!r}; this toolkit reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(f"{path} is malformed: missing or bad field {error}") from error
+
+
+def verify_bundle(bundle_dir: Path) -> Manifest:
+    """Read the manifest and check every listed file's sha256; refuse the bundle naming the file."""
+    manifest = read_manifest(bundle_dir)
+    for relative, expected in manifest.all_files().items():
+        path = Path(bundle_dir) / relative
+        if not path.is_file():
+            raise BundleError(f"bundle {bundle_dir} is missing {relative}")
+        if sha256_file(path) != expected:
+            raise BundleError(
+                f"bundle {bundle_dir}: {relative} does not match its manifest sha256 "
+                "(modified or corrupt); re-export the bundle"
+            )
+    return manifest

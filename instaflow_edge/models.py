@@ -1,0 +1,123 @@
+"""Where a model comes from: the embedded default, a preset, a local diffusers directory, or a hub id."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError, safe_open
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
+
+from instaflow_edge.errors import UserError
+from instaflow_edge.presets import PRESETS, build_modules
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded" / "tiny"
+DEFAULT_MODEL = "tiny"
+COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """The four parts of a one-step text-to-image model and the name of where they came from."""
+
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    source: str
+
+    def eval(self) -> LoadedModel:
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.eval()
+        return self
+
+
+def load_model(model: str | Path | None = None) -> LoadedModel:
+    """Load `model`: None or "tiny" (embedded default), "sd15" (random weights), a directory, or a hub id."""
+    name = DEFAULT_MODEL if model is None else str(model)
+    if name == "tiny":
+        return _load_directory(EMBEDDED_MODEL_DIR, source="embedded:tiny")
+    if name in PRESETS:
+        modules = build_modules(name)
+        tokenizer = CLIPTokenizer.from_pretrained(
+            EMBEDDED_MODEL_DIR / "tokenizer",
+            model_max_length=PRESETS[name]["text_encoder"]["max_position_embeddings"],
+        )
+        return LoadedModel(tokenizer=tokenizer, source=f"preset:{name}", **modules)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_directory(path, source=str(path.resolve()))
+    if path.exists():
+        raise UserError(f"model {name!r} is a file; expected a diffusers model directory")
+    if _HUB_ID.match(name) and not name.startswith((".", "~")):
+        return _load_hub(name)
+    raise UserError(
+        f"model {name!r} not found: give a diffusers model directory, a hub id, "
+        f"or one of the presets ({', '.join(PRESETS)})"
+    )
+
+
+def _load_directory(path: Path, source: str) -> LoadedModel:
+    missing = [folder for folder in COMPONENT_FOLDERS if not (path / folder).is_dir()]
+    if missing:
+        raise UserError(
+            f"{path} is not a diffusers text-to-image model: missing {', '.join(missing)}/"
+        )
+    for folder in ("text_encoder", "unet", "vae"):
+        _check_safetensors(path / folder)
+    try:
+        return LoadedModel(
+            tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True),
+            vae=AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True),
+            source=source,
+        ).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"could not load the model in {path}: {_first_line(error)}") from error
+
+
+def _load_hub(model_id: str) -> LoadedModel:
+    try:
+        loaded = LoadedModel(
+            tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(
+                model_id, subfolder="text_encoder", use_safetensors=True
+            ),
+            unet=UNet2DConditionModel.from_pretrained(
+                model_id, subfolder="unet", use_safetensors=True
+            ),
+            vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae", use_safetensors=True),
+            source=model_id,
+        )
+    except Exception as error:  # the hub client raises many types; all mean "not available"
+        raise UserError(
+            f"model {model_id!r} is not available offline or on the hub "
+            f"(safetensors weights only): {_first_line(error)}"
+        ) from error
+    return loaded.eval()
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Refuse pickled weights and name the first safetensors file whose header is corrupt."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in {".bin", ".pt", ".ckpt"})
+        detail = (
+            f" (found {', '.join(pickled)}; pickled weights are never loaded)" if pickled else ""
+        )
+        raise UserError(f"no .safetensors weights in {folder}{detail}")
+    for file in weights:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"corrupt safetensors file {file}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,239 @@
+"""OneStepPipeline: the PyTorch reference for a one-step rectified-flow text-to-image model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from PIL import Image
+
+from instaflow_edge.atomic import atomic_directory
+from instaflow_edge.components import ModelShapes
+from instaflow_edge.errors import UserError
+from instaflow_edge.flow import euler_times, unet_timestep
+from instaflow_edge.models import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+
+class OneStepPipeline:
+    """Text to image with one UNet call: latents = noise + v(noise, t=1000, text), then the VAE decodes.
+
+    The noise is an input (seeds or a tensor), so every runtime can be fed exactly the same noise.
+    `num_steps > 1` runs Euler sampling of the flow (with optional classifier-free guidance),
+    as a 2-rectified-flow teacher needs.
+    """
+
+    def __init__(self, model: LoadedModel):
+        self.tokenizer = model.tokenizer
+        self.text_encoder = model.text_encoder
+        self.unet = model.unet
+        self.vae = model.vae
+        self.source = model.source
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> OneStepPipeline:
+        """Load the embedded default (None), a preset ("tiny", "sd15"), a directory or a hub id."""
+        return cls(load_model(model)).to(device, dtype)
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write a diffusers-format model directory (safetensors only), atomically."""
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=overwrite) as staging:
+            for name in ("text_encoder", "unet", "vae"):
+                getattr(self, name).save_pretrained(staging / name, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging / "tokenizer")
+            # vocab.json + merges.txt too: the SD-1.5 layout, and what Core ML apps read
+            self.tokenizer.backend_tokenizer.model.save(str(staging / "tokenizer"))
+            index = {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return directory
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> OneStepPipeline:
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device=device, dtype=None if dtype == module.dtype else dtype)
+        return self
+
+    # -- shapes and recipe --------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shapes(self) -> ModelShapes:
+        channels, size, _ = self.latent_shape
+        return ModelShapes(
+            text_length=self.max_length,
+            text_hidden=int(self.text_encoder.config.hidden_size),
+            latent_channels=channels,
+            latent_size=size,
+            image_size=self.image_size,
+        )
+
+    # -- the stages ----------------------------------------------------------------------------
+    def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the tokenizer's max length; longer prompts are truncated with a warning."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise UserError("no prompt given")
+        for prompt in prompts:
+            if not prompt.strip():
+                raise UserError("empty prompt: describe the image to generate")
+        return self._tokenize(prompts)
+
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        full = self.tokenizer(prompts, truncation=False).input_ids
+        for prompt, ids in zip(prompts, full, strict=True):
+            if len(ids) > self.max_length:
+                logger.warning(
+                    "prompt is %d tokens, longer than the model's %d: truncated: %r",
+                    len(ids),
+                    self.max_length,
+                    prompt,
+                )
+        encoded = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return encoded.input_ids
+
+    @torch.no_grad()
+    def encode_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text encoder: token ids (B, L) to hidden states (B, L, D)."""
+        return self.text_encoder(input_ids.to(self.device))[0]
+
+    def make_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """One standard-normal latent per seed, drawn on the CPU so every device gets the same noise."""
+        noise = [
+            torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
+            for seed in seeds
+        ]
+        return torch.stack(noise)
+
+    @torch.no_grad()
+    def velocity(
+        self, latents: torch.Tensor, timestep: float | torch.Tensor, text_states: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's velocity prediction v(latents, timestep | text)."""
+        timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.device)
+        timestep = timestep.expand(latents.shape[0]) if timestep.ndim == 0 else timestep
+        return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decoder: latents to images in [0, 1], NCHW float."""
+        images = self.vae.decode(latents / self.scaling_factor).sample
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        noise: torch.Tensor,
+        text_states: torch.Tensor,
+        num_steps: int = 1,
+        guidance_scale: float = 0.0,
+        uncond_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Euler integration of the flow from noise (t=0) to data (t=1); one step is noise + v(noise, 1000)."""
+        use_guidance = guidance_scale > 1.0
+        if use_guidance and uncond_states is None:
+            uncond_states = self.encode_prompt(self._tokenize([""] * noise.shape[0]))
+        latents = noise.to(self.device, self.dtype)
+        times = euler_times(num_steps)
+        for t, t_next in zip(times[:-1], times[1:], strict=True):
+            timestep = float(unet_timestep(t))  # 1000.0 at the first step: pure noise
+            v = self.velocity(latents, timestep, text_states)
+            if use_guidance:
+                v_uncond = self.velocity(latents, timestep, uncond_states)
+                v = v_uncond + guidance_scale * (v - v_uncond)
+            latents = latents + float(t_next - t) * v
+        return latents
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        seed: int = 0,
+        num_steps: int = 1,
+        guidance_scale: float = 0.0,
+        output_type: str = "pil",
+    ) -> list[Image.Image] | np.ndarray | torch.Tensor:
+        """Generate images. Give `prompt` or `input_ids`; `noise` (B, C, H, W) or seeds seed, seed+1, ...
+
+        output_type: "pil" (list of images), "np" (uint8 NHWC array) or "pt" (float NCHW in [0, 1]).
+        """
+        if input_ids is None:
+            if prompt is None:
+                raise UserError("give a prompt or input_ids")
+            input_ids = self.tokenize(prompt)
+        batch = input_ids.shape[0]
+        if noise is None:
+            noise = self.make_noise(range(seed, seed + batch))
+        if tuple(noise.shape) != (batch, *self.latent_shape):
+            raise UserError(
+                f"noise has shape {tuple(noise.shape)}, expected {(batch, *self.latent_shape)}"
+            )
+        text_states = self.encode_prompt(input_ids)
+        latents = self.sample_latents(noise, text_states, num_steps, guidance_scale)
+        images = self.decode(latents)
+        if output_type == "pt":
+            return images
+        array = to_uint8(images)
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return [Image.fromarray(image) for image in array]
+        raise ValueError(f"unknown output_type {output_type!r}")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float NCHW images in [0, 1] to uint8 NHWC, rounding to nearest."""
+    array = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,1 @@
+"""The synthetic captioned-shapes domain the embedded model is made for."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded pipeline (loaded once) and a runner for the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    from instaflow_edge.pipeline import OneStepPipeline
+
+    return OneStepPipeline.from_pretrained()
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run `instaflow-edge ARGS` in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "instaflow_edge", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    """A user's mistake: non-zero exit, no traceback, one error line that names the problem."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]

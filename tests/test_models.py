@@ -1,0 +1,76 @@
+"""Model sources: the embedded default, presets, local directories, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from instaflow_edge.errors import UserError
+from instaflow_edge.models import EMBEDDED_MODEL_DIR, load_model
+from instaflow_edge.presets import build_modules, count_parameters
+
+
+def test_embedded_default_is_small_and_safetensors_only():
+    files = [p for p in EMBEDDED_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 16 * 2**20
+    weights = [p.suffix for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".ckpt"}]
+    assert weights and set(weights) == {".safetensors"}
+
+
+def test_embedded_default_is_an_instaflow_architecture():
+    model = load_model()
+    assert model.source == "embedded:tiny"
+    assert type(model.unet).__name__ == "UNet2DConditionModel"
+    assert type(model.vae).__name__ == "AutoencoderKL"
+    assert type(model.text_encoder).__name__ == "CLIPTextModel"
+    assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+
+
+def test_sd15_preset_has_the_real_shapes_without_running():
+    modules = build_modules("sd15", device="meta")
+    unet = count_parameters(modules["unet"])
+    assert 855e6 < unet < 865e6  # SD-1.5 / InstaFlow-0.9B UNet: 859.5 M
+    assert 120e6 < count_parameters(modules["text_encoder"]) < 125e6  # CLIP ViT-L/14 text
+    assert 80e6 < count_parameters(modules["vae"]) < 86e6
+    assert modules["unet"].config.cross_attention_dim == 768
+    assert modules["unet"].config.sample_size == 64  # 512x512 images
+    assert modules["vae"].config.scaling_factor == 0.18215
+
+
+def test_presets_are_deterministic():
+    first = build_modules("tiny", seed=3)["unet"].state_dict()
+    second = build_modules("tiny", seed=3)["unet"].state_dict()
+    assert all((first[k] == second[k]).all() for k in first)
+
+
+def test_unknown_model_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_model(str(tmp_path / "missing"))
+
+
+def test_directory_without_components_is_named(tmp_path):
+    with pytest.raises(UserError, match="missing .*unet"):
+        load_model(str(tmp_path))
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    model_dir = shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "model")
+    weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(UserError, match="pickled weights are never loaded"):
+        load_model(str(model_dir))
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path):
+    model_dir = shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "model")
+    weights = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="corrupt safetensors file .*vae"):
+        load_model(str(model_dir))
+
+
+def test_hub_id_not_available_offline_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not available"):
+        load_model("no-such-org/no-such-instaflow-model")
