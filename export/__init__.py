@@ -1,3 +1,24 @@
-"""Exporters: one module per target (ONNX, Core ML, OpenVINO) behind one Exporter contract."""
+"""Exporters: one module per target (ONNX, Core ML, OpenVINO) behind the `Exporter` contract.
 
-__all__: list[str] = []
+Modules load lazily; adding a target is adding its module and one line in EXPORTERS.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from instaflow_edge.errors import UserError
+
+# target -> "module:class"
+EXPORTERS: dict[str, str] = {}
+
+__all__ = ["EXPORTERS", "get_exporter"]
+
+
+def get_exporter(target: str):
+    """The Exporter for `target`, or one clear error naming the known targets."""
+    if target not in EXPORTERS:
+        known = ", ".join(sorted(EXPORTERS)) or "none yet"
+        raise UserError(f"unknown target {target!r}; known targets: {known}")
+    module_name, class_name = EXPORTERS[target].split(":")
+    return getattr(import_module(module_name), class_name)()

@@ -38,6 +38,7 @@ class LoadedModel:
 def load_model(model: str | Path | None = None) -> LoadedModel:
     """Load `model`: None or "tiny" (embedded default), "sd15" (random weights), a directory, or a hub id."""
     name = DEFAULT_MODEL if model is None else str(model)
+    name = name.removeprefix("embedded:").removeprefix("preset:")  # sources are loadable names
     if name == "tiny":
         return _load_directory(EMBEDDED_MODEL_DIR, source="embedded:tiny")
     if name in PRESETS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from PIL import Image
 from instaflow_edge.atomic import atomic_directory
 from instaflow_edge.components import ModelShapes
 from instaflow_edge.errors import UserError
-from instaflow_edge.flow import euler_times, unet_timestep
+from instaflow_edge.flow import ONE_STEP_TIMESTEP, euler_times, unet_timestep
 from instaflow_edge.models import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ class OneStepPipeline:
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> OneStepPipeline:
         for module in (self.text_encoder, self.unet, self.vae):
-            module.to(device=device, dtype=None if dtype == module.dtype else dtype)
+            module.to(device)
+            if dtype is not None and dtype != module.dtype:
+                module.to(dtype)
         return self
 
     # -- shapes and recipe --------------------------------------------------------------------
@@ -193,6 +196,50 @@ class OneStepPipeline:
                 v = v_uncond + guidance_scale * (v - v_uncond)
             latents = latents + float(t_next - t) * v
         return latents
+
+    @torch.no_grad()
+    def component_io(
+        self, input_ids: torch.Tensor, noise: torch.Tensor
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Every component's inputs and outputs, by the names of `components.component_specs`,
+        for one one-step generation: what parity checks compare and calibration sets record."""
+        text_states = self.encode_prompt(input_ids)
+        noise = noise.to(self.device, self.dtype)
+        timestep = torch.full((noise.shape[0],), ONE_STEP_TIMESTEP, device=self.device)
+        velocity = self.velocity(noise, timestep, text_states)
+        latent_sample = (noise + velocity) / self.scaling_factor
+        decoded = self.vae.decode(latent_sample).sample
+        tensors = {
+            "text_encoder": {"input_ids": input_ids, "last_hidden_state": text_states},
+            "unet": {
+                "sample": noise,
+                "timestep": timestep,
+                "encoder_hidden_states": text_states,
+                "out_sample": velocity,
+            },
+            "vae_decoder": {"latent_sample": latent_sample, "sample": decoded},
+        }
+        return {
+            component: {name: value.detach().cpu().numpy() for name, value in named.items()}
+            for component, named in tensors.items()
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 over every weight (names, dtypes, shapes, bytes): identifies the source model."""
+        digest = hashlib.sha256()
+        for name in ("text_encoder", "unet", "vae"):
+            for key, tensor in sorted(getattr(self, name).state_dict().items()):
+                digest.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(
+                    tensor.detach()
+                    .cpu()
+                    .contiguous()
+                    .reshape(-1)
+                    .view(torch.uint8)
+                    .numpy()
+                    .tobytes()
+                )
+        return digest.hexdigest()
 
     def __call__(
         self,

@@ -1,0 +1,72 @@
+"""The PyTorch reference as a Runtime: the model a bundle was exported from, run by OneStepPipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instaflow_edge.manifest import SamplingRecipe, read_manifest
+from instaflow_edge.pipeline import OneStepPipeline
+from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session
+
+
+class TorchSession(Session):
+    runtime = "torch"
+
+    def __init__(self, pipeline: OneStepPipeline):
+        self.pipeline = pipeline
+        self.executed_on = str(pipeline.device)
+        self.recipe = SamplingRecipe(
+            latent_shape=list(pipeline.latent_shape),
+            vae_scaling_factor=pipeline.scaling_factor,
+            image_size=pipeline.image_size,
+        )
+
+    @torch.no_grad()
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pipe = self.pipeline
+        tensors = {
+            name: torch.from_numpy(np.asarray(value)).to(pipe.device)
+            for name, value in feeds.items()
+        }
+        if component == "text_encoder":
+            outputs = {"last_hidden_state": pipe.text_encoder(tensors["input_ids"])[0]}
+        elif component == "unet":
+            sample = pipe.unet(
+                tensors["sample"].to(pipe.dtype),
+                tensors["timestep"].float(),
+                encoder_hidden_states=tensors["encoder_hidden_states"].to(pipe.dtype),
+            ).sample
+            outputs = {"out_sample": sample}
+        elif component == "vae_decoder":
+            outputs = {"sample": pipe.vae.decode(tensors["latent_sample"].to(pipe.dtype)).sample}
+        else:
+            raise KeyError(f"unknown component {component!r}")
+        return {name: value.float().cpu().numpy() for name, value in outputs.items()}
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        return self.pipeline.tokenize(prompts).numpy()
+
+    def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return self.pipeline(
+            input_ids=torch.from_numpy(input_ids), noise=torch.from_numpy(noise), output_type="np"
+        )
+
+
+class TorchRuntime(Runtime):
+    """The reference for a bundle: the source model its manifest names, run in PyTorch."""
+
+    name = "torch"
+    target = "torch"
+
+    def load(self, bundle: Path, device: str = "cpu", **options) -> Session:
+        return load_reference(read_manifest(bundle).source_model["id"], device)
+
+
+def load_reference(model: str | None = None, device: str = "cpu") -> TorchSession:
+    """The PyTorch reference session for a model (None: the embedded default)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeUnavailable("CUDA was asked for the PyTorch reference but is not available")
+    return TorchSession(OneStepPipeline.from_pretrained(model, device=device))
