@@ -18,7 +18,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
     try:
         yield staging
         if final.exists():
@@ -38,6 +38,13 @@ def atomic_file(final: Path) -> Iterator[Path]:
     staging = Path(name)
     try:
         yield staging
+        staging.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is ordinary
         os.replace(staging, final)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
