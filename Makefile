@@ -14,8 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[full,dev]"
 	touch $@
 
+# The newcomer's demo: export the embedded model to ONNX, make a calibration set from the synthetic
+# prompts, quantize to int8 (static QDQ), then validate against PyTorch and print where the report is.
+DEMO := demo-out
 demo: install
-	$(BIN)/instaflow-edge generate --prompt "a red circle above a blue square" --seed 0 --out instaflow.png
+	$(BIN)/instaflow-edge export --target onnx --out $(DEMO)/tiny-onnx-fp32 --overwrite
+	$(BIN)/instaflow-edge calibrate --prompts synthetic --limit 64 --out $(DEMO)/calibration --overwrite
+	$(BIN)/instaflow-edge quantize --bundle $(DEMO)/tiny-onnx-fp32 --method int8-static \
+		--calibration $(DEMO)/calibration --out $(DEMO)/tiny-onnx-int8 --overwrite
+	$(BIN)/instaflow-edge validate --bundle $(DEMO)/tiny-onnx-int8 --report $(DEMO)/report
 
 lint: install
 	$(BIN)/ruff check .

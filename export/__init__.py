@@ -10,7 +10,11 @@ from importlib import import_module
 from instaflow_edge.errors import UserError
 
 # target -> "module:class"
-EXPORTERS: dict[str, str] = {}
+EXPORTERS: dict[str, str] = {
+    "onnx": "instaflow_edge.export.onnx:OnnxExporter",
+    "openvino": "instaflow_edge.export.openvino:OpenVinoExporter",
+    "coreml": "instaflow_edge.export.coreml:CoreMLExporter",
+}
 
 __all__ = ["EXPORTERS", "get_exporter"]
 

@@ -82,6 +82,7 @@ def write_bundle_manifest(
     assets: list[str],
     quantization: str | None = None,
     source_model: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> Manifest:
     """Hash every file and write `manifest.json`. components: name -> (spec, main file, extras)."""
     manifest = Manifest(
@@ -99,6 +100,7 @@ def write_bundle_manifest(
             for name, (spec, file, extras) in components.items()
         },
         assets=hash_files(staging, assets),
+        details=details or {},
     )
     write_manifest(staging, manifest)
     return manifest

@@ -8,7 +8,17 @@ import sys
 import warnings
 
 from instaflow_edge import __version__
-from instaflow_edge.commands import generate, inspect, pending
+from instaflow_edge.commands import (
+    bench,
+    calibrate,
+    export,
+    generate,
+    inspect,
+    pending,
+    quantize,
+    train,
+    validate,
+)
 from instaflow_edge.errors import UserError
 
 PROG = "instaflow-edge"
@@ -23,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate, pending, inspect):
+    for module in (generate, export, quantize, train, pending, inspect, calibrate, validate, bench):
         module.register(subparsers)
     return parser
 

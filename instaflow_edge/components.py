@@ -87,3 +87,16 @@ def component_specs(shapes: ModelShapes, float_dtype: str = "float32") -> dict[s
             outputs=(TensorSpec("sample", image, float_dtype),),
         ),
     }
+
+
+def generator_spec(shapes: ModelShapes) -> ComponentSpec:
+    """The fused one-step generator: token ids and noise in, a uint8 NHWC image out."""
+    latent = ("batch", shapes.latent_channels, shapes.latent_size, shapes.latent_size)
+    return ComponentSpec(
+        "generator",
+        inputs=(
+            TensorSpec("input_ids", ("batch", shapes.text_length), "int64"),
+            TensorSpec("noise", latent, "float32"),
+        ),
+        outputs=(TensorSpec("image", ("batch", shapes.image_size, shapes.image_size, 3), "uint8"),),
+    )

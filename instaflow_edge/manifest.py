@@ -70,6 +70,8 @@ class Manifest:
     components: dict[str, ComponentEntry]
     assets: dict[str, str] = field(default_factory=dict)  # tokenizer files etc.: path -> sha256
     quantization: str | None = None
+    # what the exporter or quantizer found: parity at export, ops kept in fp32, graph optimisation
+    details: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     toolkit_version: str = ""
     library_versions: dict[str, str] = field(default_factory=dict)
@@ -95,6 +97,7 @@ class Manifest:
                 for name, entry in self.components.items()
             },
             "assets": self.assets,
+            "details": self.details,
         }
 
     @classmethod
@@ -117,6 +120,7 @@ class Manifest:
                 for name, entry in data["components"].items()
             },
             assets=dict(data["assets"]),
+            details=dict(data.get("details", {})),
         )
 
 

@@ -15,6 +15,9 @@ from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session
 # bundle target -> "module:class"; adding a runtime is adding its module and one line here
 RUNTIMES = {
     "torch": "instaflow_edge.runtimes.torch_ref:TorchRuntime",
+    "openvino": "instaflow_edge.runtimes.openvino:OpenVinoRuntime",
+    "onnx": "instaflow_edge.runtimes.onnxruntime:OnnxRuntime",
+    "coreml": "instaflow_edge.runtimes.coreml:CoreMLRuntime",
 }
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeUnavailable", "Session", "get_runtime", "load_session"]

@@ -6,6 +6,7 @@ Imports only numpy, `tokenizers` and the standard library (never torch): edge bo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +38,36 @@ class Session(ABC):
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """Token ids (B, L) int64, padded/truncated to the model's length, as the reference does."""
 
+    def component_io(
+        self, input_ids: np.ndarray, noise: np.ndarray
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Every component's inputs and outputs for one one-step generation, as
+        `OneStepPipeline.component_io` gives them, computed by this session."""
+        input_ids = input_ids.astype(np.int64)
+        noise = noise.astype(np.float32)
+        states = self.run("text_encoder", {"input_ids": input_ids})["last_hidden_state"]
+        unet_feeds = {
+            "sample": noise,
+            "timestep": np.full((noise.shape[0],), self.recipe.timestep, dtype=np.float32),
+            "encoder_hidden_states": states,
+        }
+        velocity = self.run("unet", unet_feeds)["out_sample"].astype(np.float32)
+        latent_sample = (noise + velocity) / np.float32(self.recipe.vae_scaling_factor)
+        decoded = self.run("vae_decoder", {"latent_sample": latent_sample})["sample"]
+        return {
+            "text_encoder": {"input_ids": input_ids, "last_hidden_state": states},
+            "unet": {**unet_feeds, "out_sample": velocity},
+            "vae_decoder": {"latent_sample": latent_sample, "sample": decoded},
+        }
+
+    def prepare(self, component: str, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+        """A call that runs `component` on `feeds`, for timing; a runtime that binds inputs on
+        its device overrides this so that the call excludes host copies."""
+        return lambda: self.run(component, feeds)
+
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """The one-step recipe from components: uint8 NHWC images from token ids and noise."""
-        text = self.run("text_encoder", {"input_ids": input_ids.astype(np.int64)})
-        states = text["last_hidden_state"]
-        batch = noise.shape[0]
-        unet = self.run(
-            "unet",
-            {
-                "sample": noise.astype(np.float32),
-                "timestep": np.full((batch,), self.recipe.timestep, dtype=np.float32),
-                "encoder_hidden_states": states,
-            },
-        )
-        latents = noise.astype(np.float32) + unet["out_sample"].astype(np.float32)
-        latent_sample = latents / np.float32(self.recipe.vae_scaling_factor)
-        decoded = self.run("vae_decoder", {"latent_sample": latent_sample})["sample"]
-        return images_to_uint8(decoded)
+        return images_to_uint8(self.component_io(input_ids, noise)["vae_decoder"]["sample"])
 
 
 class Runtime(ABC):

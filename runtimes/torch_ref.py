@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instaflow_edge.manifest import SamplingRecipe, read_manifest
+from instaflow_edge.manifest import SamplingRecipe
 from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session
 
@@ -26,6 +26,10 @@ class TorchSession(Session):
 
     @torch.no_grad()
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One component, or "generator" (a fused bundle's graph: token ids + noise to uint8 NHWC)."""
+        if component == "generator":
+            noise = np.asarray(feeds["noise"], dtype=np.float32)
+            return {"image": self.generate(np.asarray(feeds["input_ids"]), noise)}
         pipe = self.pipeline
         tensors = {
             name: torch.from_numpy(np.asarray(value)).to(pipe.device)
@@ -62,7 +66,7 @@ class TorchRuntime(Runtime):
     target = "torch"
 
     def load(self, bundle: Path, device: str = "cpu", **options) -> Session:
-        return load_reference(read_manifest(bundle).source_model["id"], device)
+        return load_reference(self.verify(bundle).source_model["id"], device)
 
 
 def load_reference(model: str | None = None, device: str = "cpu") -> TorchSession:

@@ -37,3 +37,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
     assert len(errors) == 1, result.stderr
     for word in words:
         assert word in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(pipeline, tmp_path_factory):
+    """The embedded default exported to ONNX (fp32) with the fused generator, made once."""
+    from instaflow_edge.export import get_exporter
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx-fp32"
+    return get_exporter("onnx").export(pipeline, out, "fp32", {"fused": True})

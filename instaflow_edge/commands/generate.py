@@ -1,4 +1,4 @@
-"""`instaflow-edge generate`: prompts to PNG files with the PyTorch reference pipeline."""
+"""`instaflow-edge generate`: prompts to PNG files with the PyTorch reference or an exported bundle."""
 
 from __future__ import annotations
 
@@ -26,12 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (0)")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--model",
         help="model: 'tiny' (embedded default), 'sd15' (random weights), a directory or a hub id",
     )
+    source.add_argument(
+        "--bundle",
+        type=Path,
+        help="run an exported bundle with its runtime instead (one step; no torch needed)",
+    )
     parser.add_argument(
-        "--device", default="cpu", help="torch device: cpu (default) or cuda; falls back to cpu"
+        "--device", default="cpu", help="device: cpu (default) or cuda; falls back to cpu"
     )
     parser.add_argument(
         "-o",
@@ -91,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.steps < 1:
         raise UserError("--batch-size and --steps must be at least 1")
 
+    if args.bundle is not None:
+        return run_bundle(args, prompts, paths)
+
     from tqdm import tqdm
 
     from instaflow_edge.atomic import atomic_file
@@ -113,6 +122,59 @@ def run(args: argparse.Namespace) -> int:
         for image, path in zip(images, paths[batch], strict=True):
             with atomic_file(path) as staging:
                 image.save(staging, format="PNG")
+    log_written(paths)
+    return 0
+
+
+def run_bundle(args: argparse.Namespace, prompts: list[str], paths: list[Path]) -> int:
+    """The one-step recipe on a bundle's runtime (ONNX Runtime, ...), from numpy in and out."""
+    if args.steps != 1 or args.guidance > 1.0:
+        raise UserError("a bundle runs the one-step recipe: --steps and --guidance need --model")
+    from PIL import Image
+    from tqdm import tqdm
+
+    from instaflow_edge.atomic import atomic_file
+    from instaflow_edge.runtimes import load_session
+
+    session = load_session(args.bundle, args.device)
+    input_ids = session.tokenize(prompts)
+    seeds = range(args.seed, args.seed + len(prompts))
+    noise = seeded_noise(seeds, tuple(session.recipe.latent_shape))
+    starts = range(0, len(prompts), args.batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) == 1):
+        batch = slice(start, start + args.batch_size)
+        images = session.generate(input_ids[batch], noise[batch])
+        for image, path in zip(images, paths[batch], strict=True):
+            with atomic_file(path) as staging:
+                Image.fromarray(image).save(staging, format="PNG")
+    logger.info("ran %s on %s", args.bundle, session.executed_on)
+    log_written(paths)
+    return 0
+
+
+def seeded_noise(seeds: range, latent_shape: tuple[int, ...]):
+    """The reference's noise (torch's CPU generator) when torch is installed, so a bundle and
+    --model give the same image for a seed; without torch, numpy's (other images, same use)."""
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        logger.info("torch is not installed: noise from numpy (images differ from --model's)")
+        return np.stack(
+            [
+                np.random.default_rng(seed).standard_normal(latent_shape, dtype=np.float32)
+                for seed in seeds
+            ]
+        )
+    return np.stack(
+        [
+            torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(seed)).numpy()
+            for seed in seeds
+        ]
+    )
+
+
+def log_written(paths: list[Path]) -> None:
     where = paths[0] if len(paths) == 1 else f"{len(paths)} images, {paths[0]} to {paths[-1].name}"
     logger.info("wrote %s", where)
-    return 0

@@ -38,7 +38,7 @@ def _tensors(specs: tuple[TensorSpec, ...]) -> str:
     return ", ".join(f"{s.name}[{','.join(map(str, s.shape))}]:{s.dtype}" for s in specs)
 
 
-def _table(rows: list[list[str]]) -> str:
+def format_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
@@ -80,7 +80,7 @@ def describe_model(model: str | None) -> str:
     ]
     rows = [["component", "parameters", "dtype", "inputs", "outputs"]]
     rows += _component_rows(component_specs(shapes), extra)
-    return "\n".join(header) + _table(rows)
+    return "\n".join(header) + format_table(rows)
 
 
 def _dtype_name(module) -> str:
@@ -106,4 +106,4 @@ def describe_bundle(bundle_dir: Path) -> str:
     specs = {name: entry.spec for name, entry in manifest.components.items()}
     rows = [["component", "file", "size", "inputs", "outputs"]]
     rows += _component_rows(specs, extra)
-    return "\n".join(header) + _table(rows)
+    return "\n".join(header) + format_table(rows)

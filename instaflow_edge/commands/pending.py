@@ -6,28 +6,7 @@ import argparse
 
 from instaflow_edge.errors import UserError
 
-PENDING = {
-    "export": (
-        "export the text encoder, UNet and VAE decoder to a bundle for one target",
-        "Export a model to a self-describing bundle for ONNX Runtime, Core ML or OpenVINO.",
-    ),
-    "quantize": (
-        "quantize a bundle (fp16, int8, palettization) into a new bundle",
-        "Quantize an exported bundle for its target, optionally from a calibration set.",
-    ),
-    "validate": (
-        "check a bundle's parity and latency against PyTorch and write a report",
-        "Compare a bundle with the PyTorch reference on the same inputs and write reports.",
-    ),
-    "train": (
-        "train, reflow and distill a one-step model",
-        "The training core: rectified flow, reflow pairs, 2-RF and one-step distillation.",
-    ),
-    "bench": (
-        "measure latency of a bundle against PyTorch in the same run",
-        "Benchmark a bundle's latency as a ratio against PyTorch measured in the same process.",
-    ),
-}
+PENDING: dict[str, tuple[str, str]] = {}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

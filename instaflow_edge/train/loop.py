@@ -1,0 +1,173 @@
+"""The training loop every stage shares: AdamW, data parallelism, loss CSV, held-out loss, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from instaflow_edge.atomic import atomic_directory, atomic_file
+from instaflow_edge.errors import UserError
+from instaflow_edge.train.config import TrainConfig
+from instaflow_edge.train.distributed import World
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+LOSS_CSV = "loss.csv"
+HELD_OUT = "held_out_loss.json"
+# The loss of one step; the generator is seeded by (seed, step, rank), so a resumed run sees
+# exactly the batches the interrupted one would have seen.
+LossFn = Callable[[torch.Generator], torch.Tensor]
+# The loss on one fixed held-out batch (same data, noise and t at every call): measured before
+# the first step and after the last, it says whether the stage learned, free of batch noise.
+ProbeFn = Callable[[], torch.Tensor]
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{key}": value.detach().clone().reshape(value.shape)
+        for index, entry in state["state"].items()
+        for key, value in entry.items()
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def fit(
+    modules: dict[str, torch.nn.Module],
+    loss_fn: LossFn,
+    config: TrainConfig,
+    out_dir: Path,
+    world: World,
+    desc: str,
+    probe: ProbeFn | None = None,
+) -> list[float]:
+    """Train the parameters of `modules` for config.steps steps; returns the loss of every step.
+
+    Checkpoints go to OUT/checkpoint every config.checkpoint_every steps; if one is there the run
+    continues from it (the caller has checked --resume), else it starts from the modules as given.
+    With a probe, OUT/held_out_loss.json records its value before and after training.
+    """
+    parameters = [p for module in modules.values() for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    warmup = max(1, min(config.warmup, config.steps // 10))
+
+    def factor(step: int) -> float:  # linear warm-up, then linear decay to a tenth
+        return min(1.0, (step + 1) / warmup) * (1.0 - 0.9 * step / config.steps)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    losses: list[float] = []
+    before = None
+    checkpoint = out_dir / CHECKPOINT
+    if (checkpoint / "state.json").is_file():
+        state = json.loads((checkpoint / "state.json").read_text())
+        if state["stage"] != desc:
+            raise UserError(f"{checkpoint} is a checkpoint of stage {state['stage']}, not {desc}")
+        weights = load_file(str(checkpoint / "weights.safetensors"))
+        for name, module in modules.items():
+            prefix = f"{name}."
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            )
+        _load_optimizer(optimizer, checkpoint)
+        schedule.load_state_dict(state["schedule"])
+        losses, before = state["losses"], state.get("held_out_before")
+        logger.info("%s: resuming at step %d of %d", desc, len(losses), config.steps)
+    elif probe is not None:
+        before = _evaluate(probe, modules)
+    for module in modules.values():
+        module.train()
+    bar = tqdm(
+        range(len(losses), config.steps),
+        initial=len(losses),
+        total=config.steps,
+        desc=desc,
+        unit="step",
+        disable=not world.is_main,
+    )
+    for step in bar:
+        loss = loss_fn(step_generator(config.seed, step, world.rank))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        world.average_gradients(parameters)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(world.mean(loss.detach())))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            if world.is_main:
+                state = {"stage": desc, "losses": losses, "held_out_before": before}
+                _save_checkpoint(modules, optimizer, schedule, state, checkpoint)
+                write_loss_csv(out_dir / LOSS_CSV, losses)
+            world.barrier()
+    for module in modules.values():
+        module.eval()
+    if probe is not None and before is not None and world.is_main:
+        held_out = {"before": before, "after": _evaluate(probe, modules)}
+        logger.info("%s: held-out loss %.5f -> %.5f", desc, held_out["before"], held_out["after"])
+        with atomic_file(out_dir / HELD_OUT) as staging:
+            staging.write_text(json.dumps(held_out) + "\n")
+    world.barrier()
+    return losses
+
+
+@torch.no_grad()
+def _evaluate(probe: ProbeFn, modules: dict[str, torch.nn.Module]) -> float:
+    for module in modules.values():
+        module.eval()
+    return float(probe())
+
+
+def _save_checkpoint(modules, optimizer, schedule, state: dict, folder: Path) -> None:
+    weights = {
+        f"{name}.{key}": value.detach().contiguous()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+    tensors, groups = _optimizer_tensors(optimizer)
+    with atomic_directory(folder, overwrite=True) as staging:
+        save_file(weights, str(staging / "weights.safetensors"))
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        (staging / "optimizer.json").write_text(json.dumps(groups))
+        state = {**state, "schedule": schedule.state_dict()}
+        (staging / "state.json").write_text(json.dumps(state))
+
+
+def write_loss_csv(path: Path, losses: list[float]) -> None:
+    with atomic_file(path) as staging, staging.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "loss"])
+        writer.writerows((step + 1, f"{loss:.6f}") for step, loss in enumerate(losses))
+
+
+def read_loss_csv(path: Path) -> list[float]:
+    with path.open(newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def read_held_out(out_dir: Path) -> dict[str, float]:
+    """A finished stage's held-out loss, {"before": ..., "after": ...}."""
+    return json.loads((out_dir / HELD_OUT).read_text())

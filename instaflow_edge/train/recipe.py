@@ -1,0 +1,126 @@
+"""The synthetic recipe, InstaFlow in miniature: VAE, 1-RF, pairs, 2-RF, pairs, distil both, eval."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from instaflow_edge.atomic import atomic_file
+from instaflow_edge.errors import UserError
+from instaflow_edge.synthetic.features import train_feature_net
+from instaflow_edge.train.config import TrainConfig
+from instaflow_edge.train.data import INITIAL, load_pipeline
+from instaflow_edge.train.distributed import World
+from instaflow_edge.train.evaluate import Entry, evaluate
+from instaflow_edge.train.pairs import generate_pairs, synthetic_prompts
+from instaflow_edge.train.stages import (
+    start_stage,
+    train_distill,
+    train_flow,
+    train_reflow,
+    train_vae,
+)
+
+logger = logging.getLogger(__name__)
+
+# Per-stage settings of each scale. "full" is the reproduction (about 20 CPU-minutes);
+# "ci" is the same recipe at toy sizes, for the test suite (its 1-RF is trained enough to bend
+# its paths, so that reflow and distillation have something to learn).
+SCALES: dict[str, dict[str, dict]] = {
+    "full": {
+        "vae": dict(steps=200, batch_size=16, lr=1e-3, checkpoint_every=50),
+        "flow": dict(steps=1000, batch_size=32, lr=1e-3, num_images=5000, checkpoint_every=100),
+        "pairs_1rf": dict(num_pairs=768, shard_size=64, sample_steps=16, guidance=1.5),
+        "reflow": dict(steps=300, batch_size=32, lr=3e-4, checkpoint_every=100),
+        "pairs_2rf": dict(num_pairs=768, shard_size=64, sample_steps=16, guidance=0.0),
+        "distill": dict(steps=300, batch_size=32, lr=3e-4, checkpoint_every=100),
+        "eval": dict(eval_prompts=128, feature_steps=200, sample_steps=25, guidance=1.5),
+    },
+    "ci": {
+        "vae": dict(steps=10, batch_size=4, lr=1e-3, warmup=1),
+        "flow": dict(steps=40, batch_size=16, lr=2e-3, num_images=64, warmup=1),
+        "pairs_1rf": dict(num_pairs=32, shard_size=8, sample_steps=3, guidance=1.5),
+        "reflow": dict(steps=20, batch_size=8, lr=2e-4, warmup=1),
+        "pairs_2rf": dict(num_pairs=32, shard_size=8, sample_steps=3, guidance=0.0),
+        "distill": dict(steps=20, batch_size=8, lr=2e-4, warmup=1),
+        "eval": dict(eval_prompts=16, feature_steps=5, sample_steps=3, guidance=1.5),
+    },
+}
+
+
+def run_recipe(workdir: Path, scale: str, base: TrainConfig, resume: bool, world: World) -> dict:
+    """Run every stage into WORKDIR/<stage>; finished stages are kept when resuming."""
+    if scale not in SCALES:
+        raise UserError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if workdir.exists() and any(workdir.iterdir()) and not resume:
+        raise UserError(
+            f"{workdir} is not empty: add --resume to continue it, or use another --workdir"
+        )
+    settings = SCALES[scale]
+
+    def config(stage: str) -> TrainConfig:
+        return replace(base, **settings[stage])
+
+    timings: dict[str, float] = {}
+
+    def timed(name: str, started: float) -> None:
+        timings[name] = round(time.perf_counter() - started, 1)
+        logger.info("recipe: %s took %.0f s", name, timings[name])
+
+    models: dict[str, Path] = {}
+    training = [
+        ("vae", INITIAL, None, train_vae),
+        ("flow", "vae", None, train_flow),
+        ("pairs_1rf", "flow", None, None),
+        ("reflow", "flow", "pairs_1rf", train_reflow),
+        ("pairs_2rf", "reflow", None, None),
+        ("distill_1rf", "flow", "pairs_1rf", train_distill),
+        ("distill_2rf", "reflow", "pairs_2rf", train_distill),
+    ]
+    for name, source, pairs, train in training:
+        started = time.perf_counter()
+        out = workdir / name
+        stage_config = config("distill" if name.startswith("distill") else name)
+        init = models.get(source, source)
+        if train is None:  # pair generation from the source flow's ODE
+            pipe = load_pipeline(init, base.seed, base.device)
+            prompts = synthetic_prompts(stage_config.num_pairs, base.seed)
+            generate_pairs(pipe, "flow", prompts, out, stage_config, world, str(init))
+            models[name] = out
+        elif not start_stage(out, resume, world):
+            models[name] = out / "model"
+        else:
+            pipe = load_pipeline(init, base.seed, base.device)
+            args = (pipe, models[pairs]) if pairs else (pipe,)
+            models[name] = train(*args, out, stage_config, world)
+        timed(name, started)
+
+    started = time.perf_counter()
+    eval_config = config("eval")
+    features = workdir / "eval" / "features.safetensors"
+    if world.is_main and not features.is_file():
+        features.parent.mkdir(parents=True, exist_ok=True)
+        train_feature_net(features, steps=eval_config.feature_steps, seed=base.seed)
+    world.barrier()
+    teacher_steps, guidance = eval_config.sample_steps, eval_config.guidance
+    # one-step rows make one UNet call; straightness is measured on the flows as they were
+    # sampled for pairs (1-RF with guidance; 2-RF, trained on guided pairs, without)
+    entries = [
+        Entry("(a) 1-RF", str(models["flow"])),
+        Entry("(b) 2-RF", str(models["reflow"])),
+        Entry("(c) 1-RF distilled", str(models["distill_1rf"])),
+        Entry("(d) 2-RF distilled", str(models["distill_2rf"])),
+        Entry("1-RF teacher", str(models["flow"]), teacher_steps, guidance, straightness=True),
+        Entry("2-RF", str(models["reflow"]), teacher_steps, 0.0, straightness=True),
+        Entry("VAE + untrained UNet", str(models["vae"])),
+    ]
+    rows = evaluate(entries, features, eval_config.eval_prompts, base.seed, workdir / "eval", world)
+    timed("eval", started)
+    summary = {"scale": scale, "seed": base.seed, "seconds": timings, "rows": rows}
+    if world.is_main:
+        with atomic_file(workdir / "summary.json") as staging:
+            staging.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,199 @@
+"""The training stages: VAE for the synthetic data, 1-RF, 2-RF (reflow) and one-step distillation."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from instaflow_edge.errors import UserError
+from instaflow_edge.flow import ONE_STEP_TIMESTEP, interpolate, rectified_flow_loss, unet_timestep
+from instaflow_edge.pipeline import OneStepPipeline
+from instaflow_edge.train.config import TrainConfig
+from instaflow_edge.train.data import (
+    empty_prompt_ids,
+    encode_images,
+    images_to_tensor,
+    render_batch,
+    synthetic_latents,
+)
+from instaflow_edge.train.distributed import World
+from instaflow_edge.train.loop import CHECKPOINT, fit
+from instaflow_edge.train.pairs import load_pairs
+
+logger = logging.getLogger(__name__)
+
+# Each stage reads a model (a diffusers directory, or the initial weights), trains, logs OUT/loss.csv
+# and its loss on a fixed held-out batch before and after (OUT/held_out_loss.json), and writes
+# OUT/model with OneStepPipeline.save_pretrained; OUT/checkpoint makes it resumable.
+MODEL = "model"
+PROBE_SIZE = 32  # samples in a stage's fixed held-out batch (at most a quarter of the pairs)
+PROBE_SEED = 9_000_000  # seeds the held-out batches: far from any training stream
+
+
+def start_stage(out_dir: Path, resume: bool, world: World) -> bool:
+    """True if the stage must run; False if OUT/model is there and --resume says keep it."""
+    if (out_dir / MODEL).is_dir():
+        if resume:
+            logger.info("%s is done already: kept", out_dir / MODEL)
+            return False
+        raise UserError(f"{out_dir / MODEL} exists: choose another --out, or --resume to keep it")
+    if (out_dir / CHECKPOINT).is_dir() and not resume:
+        raise UserError(f"{out_dir} holds an interrupted run: add --resume, or use another --out")
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    return True
+
+
+def finish_stage(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
+    if world.is_main:
+        (out_dir / "config.json").write_text(config.to_json())
+        pipe.save_pretrained(out_dir / MODEL)
+    world.barrier()
+    return out_dir / MODEL
+
+
+def _sample(generator: torch.Generator, count: int, batch: int) -> torch.Tensor:
+    return torch.randint(count, (batch,), generator=generator)
+
+
+def _probe_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(PROBE_SEED)
+
+
+def _held_out_images(config: TrainConfig) -> tuple[list[str], np.ndarray]:
+    """A fixed batch of held-out-split captions and images, never seen in training."""
+    return render_batch(random.Random(config.seed + PROBE_SEED), PROBE_SIZE, held_out=True)
+
+
+def train_vae(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
+    """Autoencoder on rendered images (MSE + a small KL), then scaling factor = 1 / latent std."""
+    vae = pipe.vae
+    held_out = images_to_tensor(_held_out_images(config)[1]).to(pipe.device)
+
+    def probe() -> torch.Tensor:
+        posterior = vae.encode(held_out).latent_dist
+        reconstruction = vae.decode(posterior.mode()).sample
+        return F.mse_loss(reconstruction, held_out) + config.kl_weight * posterior.kl().mean()
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
+        pixels = images_to_tensor(render_batch(rng, config.batch_size)[1]).to(pipe.device)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=generator
+        ).to(pipe.device)
+        reconstruction = vae.decode(latents).sample
+        return F.mse_loss(reconstruction, pixels) + config.kl_weight * posterior.kl().mean()
+
+    fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe)
+    vae.register_to_config(scaling_factor=1.0)
+    _, images = render_batch(random.Random(config.seed + 7), 256)
+    std = float(encode_images(pipe, images).std())
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    logger.info("vae: latent std %.4f, scaling factor %.5f", std, pipe.scaling_factor)
+    return finish_stage(pipe, out_dir, config, world)
+
+
+def train_flow(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
+    """1-RF: rectified flow from noise to the synthetic data's latents, text-conditioned."""
+    data = synthetic_latents(
+        pipe, out_dir / "data.safetensors", config.num_images, config.seed, world
+    )
+    latents, input_ids, empty = data["latents"], data["input_ids"], empty_prompt_ids(pipe)
+    trainable = {"unet": pipe.unet}
+    if config.train_text_encoder:
+        trainable["text_encoder"] = pipe.text_encoder
+    captions, images = _held_out_images(config)
+    held_out = encode_images(pipe, images), pipe.tokenize(captions)
+    held_out_noise = torch.randn(held_out[0].shape, generator=_probe_generator())
+
+    def probe() -> torch.Tensor:
+        return _flow_loss(pipe, held_out_noise, *held_out, _probe_generator(), False)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        index = _sample(generator, len(latents), config.batch_size)
+        data, ids = latents[index], input_ids[index]
+        drop = torch.rand(len(index), generator=generator) < config.caption_dropout
+        ids = torch.where(drop[:, None], empty, ids)
+        noise = torch.randn(data.shape, generator=generator)
+        return _flow_loss(pipe, noise, data, ids, generator, config.train_text_encoder)
+
+    fit(trainable, loss_fn, config, out_dir, world, desc="flow", probe=probe)
+    return finish_stage(pipe, out_dir, config, world)
+
+
+def _flow_loss(pipe, noise, data, ids, generator, grad_text: bool) -> torch.Tensor:
+    """The rectified-flow loss at t ~ U[0, 1] drawn from `generator`."""
+    device = pipe.device
+    t = torch.rand(len(noise), generator=generator)
+    noisy = interpolate(noise, data, t).to(device)
+    with torch.set_grad_enabled(grad_text):
+        states = pipe.text_encoder(ids.to(device))[0]
+    v = pipe.unet(noisy, unet_timestep(t).to(device), encoder_hidden_states=states).sample
+    return rectified_flow_loss(v, noise.to(device), data.to(device))
+
+
+def _split_pairs(pairs_dir: Path) -> tuple[dict, dict]:
+    """The pairs to train on, and the last ones (PROBE_SIZE, at most a quarter) held out."""
+    pairs = load_pairs(pairs_dir)
+    count = len(pairs["z0"])
+    held = min(PROBE_SIZE, count // 4)
+    return (
+        {key: value[: count - held] for key, value in pairs.items()},
+        {key: value[count - held :] for key, value in pairs.items()},
+    )
+
+
+def train_reflow(
+    pipe: OneStepPipeline, pairs_dir: Path, out_dir: Path, config: TrainConfig, world: World
+) -> Path:
+    """2-RF: the same objective on the teacher's (Z0, Z1) pairs, from the teacher's weights."""
+    pairs, held_out = _split_pairs(pairs_dir)
+
+    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return _flow_loss(pipe, batch["z0"], batch["z1"], batch["input_ids"], generator, False)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        index = _sample(generator, len(pairs["z0"]), config.batch_size)
+        return loss({key: value[index] for key, value in pairs.items()}, generator)
+
+    def probe() -> torch.Tensor:
+        return loss(held_out, _probe_generator())
+
+    fit({"unet": pipe.unet}, loss_fn, config, out_dir, world, desc="reflow", probe=probe)
+    return finish_stage(pipe, out_dir, config, world)
+
+
+def train_distill(
+    pipe: OneStepPipeline, pairs_dir: Path, out_dir: Path, config: TrainConfig, world: World
+) -> Path:
+    """One-step student from the teacher's weights: Z0 + s(Z0, 1000 | text) ~ Z1 (L2 in latents).
+
+    A perceptual (LPIPS) term would need backbone weights that cannot be downloaded here: not used.
+    """
+    pairs, held_out = _split_pairs(pairs_dir)
+    device = pipe.device
+
+    def loss(batch: dict) -> torch.Tensor:
+        z0, z1 = batch["z0"].to(device), batch["z1"].to(device)
+        with torch.no_grad():
+            states = pipe.text_encoder(batch["input_ids"].to(device))[0]
+        timestep = torch.full((len(z0),), ONE_STEP_TIMESTEP, device=device)
+        v = pipe.unet(z0, timestep, encoder_hidden_states=states).sample
+        return F.mse_loss(z0 + v, z1)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        index = _sample(generator, len(pairs["z0"]), config.batch_size)
+        return loss({key: value[index] for key, value in pairs.items()})
+
+    def probe() -> torch.Tensor:
+        return loss(held_out)
+
+    fit({"unet": pipe.unet}, loss_fn, config, out_dir, world, desc="distill", probe=probe)
+    return finish_stage(pipe, out_dir, config, world)

@@ -1,0 +1,360 @@
+"""Validate a bundle against the PyTorch reference: per-component and end-to-end parity, latency, gates."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from instaflow_edge import __version__
+from instaflow_edge.components import ComponentSpec
+from instaflow_edge.flow import ONE_STEP_TIMESTEP
+from instaflow_edge.latency import compare_latency, environment
+from instaflow_edge.manifest import Manifest, read_manifest
+from instaflow_edge.metrics import image_psnr, ssim, tensor_metrics
+from instaflow_edge.runtimes import Session, load_session
+from instaflow_edge.runtimes.base import images_to_uint8
+from instaflow_edge.runtimes.torch_ref import TorchSession, load_reference
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA_VERSION = 1
+# DESIGN.md section 5; a gate that is None is not checked. NaN or Inf in any output always fails.
+DEFAULT_GATES = {
+    "fp32": {"min_tensor_psnr_db": 60.0},
+    "fp16": {"min_tensor_psnr_db": 35.0},
+    "quantized": {"min_image_psnr_db": 25.0, "min_unet_cosine": 0.95},
+}
+GATE_NAMES = ("min_tensor_psnr_db", "min_image_psnr_db", "min_unet_cosine")
+
+
+@dataclass
+class Gates:
+    """The thresholds a bundle must meet, the bundle kind they default from, and what was overridden."""
+
+    basis: str
+    min_tensor_psnr_db: float | None = None
+    min_image_psnr_db: float | None = None
+    min_unet_cosine: float | None = None
+    overridden: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "nan_or_inf_fails": True}
+
+
+def gate_basis(manifest: Manifest) -> str:
+    """The bundle's kind for the default gates: quantized (a method other than fp16), fp16, fp32."""
+    if manifest.quantization not in (None, "fp16") or manifest.precision not in ("fp32", "fp16"):
+        return "quantized"
+    return "fp16" if "fp16" in (manifest.precision, manifest.quantization) else "fp32"
+
+
+def resolve_gates(manifest: Manifest, overrides: dict[str, float | None] | None = None) -> Gates:
+    """The default gates for the bundle's kind, with `overrides` (None: gate off) applied on top."""
+    basis = gate_basis(manifest)
+    gates = Gates(basis=basis, **DEFAULT_GATES[basis])
+    for name, value in (overrides or {}).items():
+        if name not in GATE_NAMES:
+            raise ValueError(f"unknown gate {name!r}")
+        setattr(gates, name, value)
+        gates.overridden.append(name)
+    return gates
+
+
+@dataclass
+class Validation:
+    """The outcome: the report (JSON-ready) and the images both sides made (uint8 NHWC)."""
+
+    report: dict[str, Any]
+    reference_images: np.ndarray
+    bundle_images: np.ndarray
+
+    @property
+    def passed(self) -> bool:
+        return self.report["status"] == "passed"
+
+
+def validate_bundle(
+    bundle_dir: Path,
+    prompts: list[str],
+    reference_model: str | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    runs: int = 10,
+    warmup: int = 2,
+    gate_overrides: dict[str, float | None] | None = None,
+) -> Validation:
+    """Compare the bundle with the PyTorch reference on the same token ids and noise (seed+i).
+
+    The bundle's files are checked against their sha256 before anything runs.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    gates = resolve_gates(manifest, gate_overrides)
+    bundle = load_session(bundle_dir, device)  # verifies every file's sha256 first
+    reference_id = reference_model or manifest.source_model.get("id")
+    reference = load_reference(reference_id, device)
+    reference_info = _check_reference(reference, reference_id, manifest)
+
+    seeds = list(range(seed, seed + len(prompts)))
+    input_ids = reference.tokenize(prompts)
+    noise = reference.pipeline.make_noise(seeds).numpy()  # one tensor, fed to both sides
+    components, feeds, reference_images = compare_components(
+        bundle, reference, manifest, input_ids, noise, gates
+    )
+    end_to_end, bundle_images = compare_images(
+        bundle, reference_images, prompts, seeds, input_ids, noise, gates
+    )
+    latency = compare_latency(bundle, reference, feeds, input_ids[:1], noise[:1], runs, warmup)
+
+    failures = [
+        {"where": where, **check}
+        for where, result in [*components.items(), ("end_to_end", end_to_end)]
+        for check in result.get("checks", [])
+        if not check["passed"]
+    ]
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool": "instaflow-edge validate",
+        "toolkit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "failed" if failures else "passed",
+        "summary": summary_line(failures, components, end_to_end),
+        "reason": None,
+        "failures": failures,
+        "bundle": bundle_info(bundle_dir, manifest),
+        "reference": reference_info,
+        "inputs": {"prompts": prompts, "seeds": seeds, "timestep": ONE_STEP_TIMESTEP},
+        "gates": gates.to_dict(),
+        "components": components,
+        "end_to_end": end_to_end,
+        "latency": latency,
+        "environment": environment(bundle, reference, device),
+    }
+    return Validation(report, reference_images, bundle_images)
+
+
+def skipped_report(bundle_dir: Path, device: str, reason: str) -> dict[str, Any]:
+    """A report for a bundle that cannot run here (runtime absent, no GPU): skipped, never passed."""
+    manifest = read_manifest(bundle_dir)
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool": "instaflow-edge validate",
+        "toolkit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "skipped",
+        "summary": f"skipped: {reason}",
+        "reason": reason,
+        "failures": [],
+        "bundle": bundle_info(Path(bundle_dir), manifest),
+        "reference": None,
+        "inputs": None,
+        "gates": resolve_gates(manifest).to_dict(),
+        "components": {},
+        "end_to_end": None,
+        "latency": None,
+        "environment": {"device": device},
+    }
+
+
+def bundle_info(bundle_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    return {
+        "path": str(bundle_dir.resolve()),
+        "target": manifest.target,
+        "precision": manifest.precision,
+        "quantization": manifest.quantization,
+        "source_model": manifest.source_model,
+        "components": list(manifest.components),
+        "library_versions": manifest.library_versions,
+    }
+
+
+def _check_reference(reference: TorchSession, reference_id: str, manifest: Manifest) -> dict:
+    weights = reference.pipeline.fingerprint()
+    expected = manifest.source_model.get("sha256")
+    if weights != expected:
+        logger.warning(
+            "the reference %s is not the model this bundle was exported from "
+            "(weights sha256 %s, bundle source %s): parity compares two different models",
+            reference_id,
+            weights[:12],
+            (expected or "unrecorded")[:12],
+        )
+    return {
+        "model": reference_id,
+        "source": reference.pipeline.source,
+        "weights_sha256": weights,
+        "matches_bundle_source": weights == expected,
+    }
+
+
+def reference_io(
+    reference: TorchSession, input_ids: np.ndarray, noise: np.ndarray
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every reference component's inputs and outputs for one generation (`component_io`), and
+    those of a fused "generator" (token ids and noise in, the uint8 NHWC image out)."""
+    recorded = reference.pipeline.component_io(torch.from_numpy(input_ids), torch.from_numpy(noise))
+    image = images_to_uint8(recorded["vae_decoder"]["sample"])
+    recorded["generator"] = {"input_ids": input_ids, "noise": noise, "image": image}
+    return recorded
+
+
+def component_feeds(
+    specs: dict[str, ComponentSpec], recorded: dict[str, dict[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """The reference's inputs for each bundle component it has a counterpart for, in its dtypes."""
+    return {
+        name: {s.name: recorded[name][s.name].astype(s.dtype) for s in spec.inputs}
+        for name, spec in specs.items()
+        if _not_comparable(spec, recorded.get(name)) is None
+    }
+
+
+def compare_components(
+    bundle: Session,
+    reference: TorchSession,
+    manifest: Manifest,
+    input_ids: np.ndarray,
+    noise: np.ndarray,
+    gates: Gates,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Feed every bundle component the reference's inputs for it, one prompt at a time.
+
+    Returns the per-component results, each compared component's first feeds (for latency) and
+    the reference's images (uint8 NHWC).
+    A component the reference has no counterpart for (a fused generator) is checked end to end.
+    """
+    specs = {name: entry.spec for name, entry in manifest.components.items()}
+    collected: dict[str, dict[str, tuple[list, list]]] = {}
+    first_feeds: dict[str, dict[str, np.ndarray]] = {}
+    reference_images = []
+    for index in tqdm(range(len(input_ids)), desc="parity", unit="prompt"):
+        one = slice(index, index + 1)
+        recorded = reference_io(reference, input_ids[one], noise[one])
+        reference_images.append(recorded["generator"]["image"])
+        for name, feeds in component_feeds(specs, recorded).items():
+            first_feeds.setdefault(name, feeds)
+            outputs = bundle.run(name, feeds)
+            for output in specs[name].outputs:
+                pair = collected.setdefault(name, {}).setdefault(output.name, ([], []))
+                pair[0].append(recorded[name][output.name])
+                pair[1].append(np.asarray(outputs[output.name]))
+    results: dict[str, Any] = {}
+    for name, spec in specs.items():
+        if name not in collected:
+            reason = _not_comparable(spec, recorded.get(name))
+            results[name] = {"compared": False, "reason": reason, "checks": []}
+            continue
+        metrics = {
+            output: tensor_metrics(np.concatenate(refs), np.concatenate(outs))
+            for output, (refs, outs) in collected[name].items()
+        }
+        results[name] = {
+            "compared": True,
+            "outputs": metrics,
+            "checks": _component_checks(name, metrics, gates),
+        }
+    return results, first_feeds, np.concatenate(reference_images)
+
+
+def _not_comparable(spec: ComponentSpec, recorded: dict[str, np.ndarray] | None) -> str | None:
+    if recorded is None:
+        return "no PyTorch counterpart: checked end to end"
+    missing = [s.name for s in (*spec.inputs, *spec.outputs) if s.name not in recorded]
+    if missing:
+        return f"tensors {', '.join(missing)} have no PyTorch counterpart: checked end to end"
+    return None
+
+
+def _component_checks(component: str, metrics: dict[str, dict], gates: Gates) -> list[dict]:
+    checks = []
+    for output, values in metrics.items():
+        checks.append(_check(f"{output} finite (no NaN/Inf)", values["finite"], True))
+        if not values["finite"]:
+            continue  # the other numbers are NaN: one failure says it all
+        if gates.min_tensor_psnr_db is not None:
+            checks.append(
+                _check(f"{output} tensor PSNR", values["psnr_db"], gates.min_tensor_psnr_db, "dB")
+            )
+        if component == "unet" and gates.min_unet_cosine is not None:
+            checks.append(_check(f"{output} cosine", values["cosine"], gates.min_unet_cosine))
+    return checks
+
+
+def _check(gate: str, value: float | bool, threshold: float | bool, unit: str = "") -> dict:
+    if isinstance(threshold, bool):
+        passed = bool(value) is threshold
+    else:
+        passed = not math.isnan(value) and value >= threshold
+    return {"gate": gate, "value": value, "threshold": threshold, "unit": unit, "passed": passed}
+
+
+def compare_images(
+    bundle: Session,
+    reference_images: np.ndarray,
+    prompts: list[str],
+    seeds: list[int],
+    input_ids: np.ndarray,
+    noise: np.ndarray,
+    gates: Gates,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The bundle generates end to end from the reference's ids and noise; image PSNR and SSIM
+    against the reference's images."""
+    bundle_images = []
+    for index in tqdm(range(len(prompts)), desc="end to end", unit="image"):
+        one = slice(index, index + 1)
+        bundle_images.append(bundle.generate(input_ids[one], noise[one]))
+    reference_array = reference_images
+    bundle_array = np.concatenate(bundle_images)
+    result: dict[str, Any] = {
+        "image_psnr_db": image_psnr(reference_array, bundle_array),
+        "ssim": ssim(reference_array, bundle_array),
+        "per_image": [
+            {
+                "prompt": prompt,
+                "seed": seed,
+                "image_psnr_db": image_psnr(reference_array[i : i + 1], bundle_array[i : i + 1]),
+                "ssim": ssim(reference_array[i : i + 1], bundle_array[i : i + 1]),
+            }
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True))
+        ],
+        "checks": [],
+    }
+    if gates.min_image_psnr_db is not None:
+        result["checks"].append(
+            _check("image PSNR", result["image_psnr_db"], gates.min_image_psnr_db, "dB")
+        )
+    return result, bundle_array
+
+
+def summary_line(failures: list[dict], components: dict, end_to_end: dict) -> str:
+    """One line: what failed (component and gate) or, when all passed, the headline numbers."""
+    if failures:
+        parts = [
+            f"{f['where']}: {f['gate']} failed"
+            if isinstance(f["threshold"], bool)
+            else f"{f['where']}: {f['gate']} {_number(f['value'])} < {_number(f['threshold'])}"
+            f"{' ' + f['unit'] if f['unit'] else ''}"
+            for f in failures
+        ]
+        return "FAILED " + "; ".join(parts)
+    psnrs = [
+        f"{name} {_number(min(m['psnr_db'] for m in result['outputs'].values()))} dB"
+        for name, result in components.items()
+        if result["compared"]
+    ]
+    return (
+        f"passed: tensor PSNR {', '.join(psnrs) or 'not compared'}; "
+        f"image PSNR {_number(end_to_end['image_psnr_db'])} dB, SSIM {end_to_end['ssim']:.4f}"
+    )
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else str(value)

@@ -1,0 +1,129 @@
+"""Core ML runtime: real Core ML prediction on macOS, the MIL reference interpreter elsewhere.
+
+Off macOS, results are labelled "MIL interpreter (Linux)" and are never device measurements:
+they check the converted program itself, op by op, in its own precision. Imports numpy,
+`tokenizers` and coremltools (which itself imports torch when installed); never torch directly.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from instaflow_edge.errors import UserError
+from instaflow_edge.manifest import Manifest
+from instaflow_edge.runtimes.base import (
+    Runtime,
+    RuntimeUnavailable,
+    Session,
+    load_bundle_tokenizer,
+)
+
+INTERPRETER = f"MIL interpreter ({platform.system()})"
+DEVICE_NAMES = ("cpu", "coreml", "coreml-device")
+
+
+def on_macos() -> bool:
+    return platform.system() == "Darwin"
+
+
+def _require_coremltools():
+    try:
+        import coremltools
+    except ImportError as error:
+        raise RuntimeUnavailable("coremltools is not installed: pip install coremltools") from error
+    return coremltools
+
+
+class _Predictor:
+    """One .mlpackage: Core ML's MLModel on macOS, else the MIL interpreter on its saved program."""
+
+    def __init__(self, path: Path, compute_units: str, device: bool):
+        ct = _require_coremltools()
+        self.device = device
+        if device:
+            self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
+            self.inputs = {i.name: _array_dtype(i) for i in self.model.get_spec().description.input}
+            self.executed_on = f"Core ML ({compute_units})"
+        else:
+            from instaflow_edge.runtimes.mil_interpreter import load_program
+
+            self.model = load_program(path)
+            self.inputs = {name: dtype for name, (_, dtype) in self.model.inputs.items()}
+            self.executed_on = INTERPRETER
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        typed = {name: np.asarray(feeds[name]).astype(dtype) for name, dtype in self.inputs.items()}
+        outputs = self.model.predict(typed) if self.device else self.model.run(typed)
+        return {name: np.asarray(value) for name, value in outputs.items()}
+
+
+def _array_dtype(feature) -> np.dtype:
+    kinds = {65568: np.float32, 65552: np.float16, 131104: np.int32, 65600: np.float64}
+    return np.dtype(kinds[feature.type.multiArrayType.dataType])
+
+
+def run_package(
+    path: Path, feeds: dict[str, np.ndarray], compute_units: str = "ALL"
+) -> tuple[dict[str, np.ndarray], str]:
+    """Run one saved package once; returns its outputs and what executed them."""
+    predictor = _Predictor(Path(path), compute_units, device=on_macos())
+    return predictor(feeds), predictor.executed_on
+
+
+class CoreMLSession(Session):
+    runtime = "coreml"
+
+    def __init__(self, bundle: Path, manifest: Manifest, compute_units: str, device: bool):
+        self.recipe = manifest.sampling
+        self.components = {
+            name: _Predictor(bundle / entry.file, compute_units, device)
+            for name, entry in manifest.components.items()
+        }
+        self.executed_on = next(iter(self.components.values())).executed_on
+        length = manifest.components["text_encoder"].spec.inputs[0].shape[-1]
+        self.tokenizer = load_bundle_tokenizer(bundle, max_length=int(length))
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Core ML models here take batch 1: a batch runs one sample at a time, then stacks."""
+        if component not in self.components:
+            raise UserError(
+                f"this Core ML bundle has no {component!r}; it has {list(self.components)}"
+            )
+        batch = len(next(iter(feeds.values())))
+        results = [
+            self.components[component]({k: v[i : i + 1] for k, v in feeds.items()})
+            for i in range(batch)
+        ]
+        out = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+        if component == "generator":  # int32 pixels in the package; uint8 by the contract
+            return {"image": out["image"].astype(np.uint8)}
+        return {k: v.astype(np.float32) for k, v in out.items()}
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
+
+
+class CoreMLRuntime(Runtime):
+    """Core ML bundles: `device` "cpu"/"coreml" runs Core ML where it exists (macOS), the MIL
+    interpreter elsewhere; "coreml-device" (or option require_device=True) insists on Core ML.
+    Option compute_units overrides the bundle's recorded ALL|CPU_AND_NE|CPU_AND_GPU|CPU_ONLY."""
+
+    name = "coreml"
+    target = "coreml"
+
+    def load(self, bundle: Path, device: str = "cpu", **options) -> Session:
+        if device not in DEVICE_NAMES:
+            raise UserError(f"unknown Core ML device {device!r}; use {', '.join(DEVICE_NAMES)}")
+        require = device == "coreml-device" or bool(options.get("require_device"))
+        if require and not on_macos():
+            raise RuntimeUnavailable(
+                f"Core ML prediction runs only on macOS, not on {platform.system()}: "
+                "use device 'cpu' for the MIL interpreter's parity check instead"
+            )
+        manifest = self.verify(Path(bundle))
+        recorded = manifest.details.get("coreml", {}).get("compute_units", "ALL")
+        compute_units = options.get("compute_units") or recorded
+        return CoreMLSession(Path(bundle), manifest, compute_units, device=on_macos())

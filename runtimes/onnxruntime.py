@@ -1,0 +1,140 @@
+"""ONNX Runtime: run an ONNX bundle on the CUDA provider when asked and present, else on the CPU.
+
+Imports only numpy, onnxruntime, tokenizers and the standard library (never torch): edge boxes
+run bundles with this module, and a test imports it with torch blocked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from instaflow_edge.components import ComponentSpec
+from instaflow_edge.errors import UserError
+from instaflow_edge.manifest import Manifest
+from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session, load_bundle_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise RuntimeUnavailable(
+            "onnxruntime is not installed: pip install 'instaflow-edge[runtime]'"
+        ) from error
+    return onnxruntime
+
+
+def providers_for(device: str) -> list[str]:
+    """The execution providers to ask for: CUDA first when asked for and built in, else the CPU."""
+    ort = _onnxruntime()
+    if device.startswith("cuda"):
+        if CUDA in ort.get_available_providers():
+            return [CUDA, CPU]
+        logger.warning("onnxruntime here has no CUDA provider: running on the CPU provider")
+        return [CPU]
+    if device != "cpu":
+        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+    return [CPU]
+
+
+class OnnxSession(Session):
+    """The bundle's graphs, one InferenceSession each, fed through IO binding.
+
+    On CUDA the inputs are bound on the GPU once, so `prepare(...)` returns a call whose timing
+    excludes host copies; `run` adds the copies back for parity checks.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, bundle: Path, manifest: Manifest, providers: list[str], fused: bool):
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+        self.manifest = manifest
+        self.recipe = manifest.sampling
+        self.specs: dict[str, ComponentSpec] = {
+            name: entry.spec for name, entry in manifest.components.items()
+        }
+        self.sessions = {
+            name: ort.InferenceSession(str(bundle / entry.file), options, providers=providers)
+            for name, entry in manifest.components.items()
+        }
+        ran = {session.get_providers()[0] for session in self.sessions.values()}
+        self.executed_on = CUDA if ran == {CUDA} else CPU
+        if providers[0] == CUDA and self.executed_on != CUDA:
+            logger.warning("CUDA was asked for but the CUDA provider did not load: running on CPU")
+        self.fused = fused and "generator" in self.sessions
+        text_length = int(self.specs["text_encoder"].inputs[0].shape[1])
+        self.tokenizer = load_bundle_tokenizer(bundle, text_length)
+
+    @property
+    def _device(self) -> str:
+        return "cuda" if self.executed_on == CUDA else "cpu"
+
+    def prepare(self, component: str, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+        """Bind `feeds` on the session's device; the returned call runs the graph, no host copies."""
+        if component not in self.sessions:
+            raise UserError(f"this bundle has no component {component!r}")
+        ort = _onnxruntime()
+        session = self.sessions[component]
+        binding = session.io_binding()
+        for spec in self.specs[component].inputs:
+            if spec.name not in feeds:
+                raise UserError(f"{component} needs input {spec.name!r}")
+            value = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+            binding.bind_ortvalue_input(
+                spec.name, ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+            )
+        for spec in self.specs[component].outputs:
+            binding.bind_output(spec.name, self._device)
+
+        def call() -> object:
+            session.run_with_iobinding(binding)
+            return binding
+
+        return call
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.prepare(component, feeds)()
+        names = [spec.name for spec in self.specs[component].outputs]
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        if not prompts or any(not prompt.strip() for prompt in prompts):
+            raise UserError("empty prompt: describe the image to generate")
+        return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
+
+    def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """With a fused generator (and fused=True at load): one graph call; else three graphs."""
+        if self.fused:
+            return self.run("generator", {"input_ids": input_ids, "noise": noise})["image"]
+        return super().generate(input_ids, noise)
+
+
+class OnnxRuntime(Runtime):
+    """ONNX bundles (optimum's layout) on ONNX Runtime."""
+
+    name = "onnxruntime"
+    target = "onnx"
+
+    def load(self, bundle: Path, device: str = "cpu", fused: bool = True, **options) -> Session:
+        """Verify every file's sha256, then open each graph; `fused` uses the generator if present."""
+        bundle = Path(bundle)
+        manifest = self.verify(bundle)
+        providers = providers_for(device)
+        optimized_for = manifest.details.get("graph_optimization")
+        if optimized_for == "cuda" and providers[0] != CUDA:
+            raise RuntimeUnavailable(
+                "this bundle was optimised for CUDA (it holds GPU-only fused ops) and no CUDA "
+                "provider is available here: export it with --device cpu to run on the CPU"
+            )
+        return OnnxSession(bundle, manifest, providers, fused)

@@ -1,0 +1,145 @@
+"""The Core ML target on the embedded model: export, compression, and parity through the MIL
+interpreter (Linux) or Core ML itself (macOS)."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coremltools")
+
+from instaflow_edge.calibration.builder import build_calibration  # noqa: E402
+from instaflow_edge.export import get_exporter  # noqa: E402
+from instaflow_edge.manifest import read_manifest  # noqa: E402
+from instaflow_edge.metrics import image_psnr, tensor_metrics  # noqa: E402
+from instaflow_edge.runtimes import RuntimeUnavailable, load_session  # noqa: E402
+from instaflow_edge.runtimes.mil_interpreter import load_program  # noqa: E402
+
+PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+OUTPUTS = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
+MACOS_ONLY = pytest.mark.skipif(
+    platform.system() != "Darwin", reason="Core ML prediction runs only on macOS"
+)
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline):
+    ids = pipeline.tokenize(PROMPTS)
+    noise = pipeline.make_noise([3, 4])
+    image = pipeline(input_ids=ids, noise=noise, output_type="np")
+    return ids.numpy(), noise.numpy(), pipeline.component_io(ids, noise), image
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coreml") / "fp32"
+    return get_exporter("coreml").export(pipeline, out, "fp32", {"fused": True})
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coreml") / "fp16"
+    return get_exporter("coreml").export(pipeline, out, "fp16", {"attention": "split-einsum"})
+
+
+def component_psnr(bundle, io) -> dict[str, float]:
+    session = load_session(bundle)
+    psnr = {}
+    for component, output in OUTPUTS.items():
+        feeds = {k: v for k, v in io[component].items() if k != output}
+        psnr[component] = tensor_metrics(
+            io[component][output], session.run(component, feeds)[output]
+        )["psnr_db"]
+    return psnr
+
+
+def test_bundle_uses_apple_resource_names(fp32_bundle):
+    names = {p.name for p in fp32_bundle.iterdir()}
+    assert {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"} <= names
+    assert {"vocab.json", "merges.txt", "OneStepGenerator.mlpackage"} <= names
+    manifest = read_manifest(fp32_bundle)
+    assert manifest.details["coreml"]["compute_units"] == "ALL"
+    assert manifest.details["parity"]["executed_on"].startswith(("MIL interpreter", "Core ML"))
+
+
+def test_fp32_matches_pytorch_at_60db_per_component(fp32_bundle, reference):
+    psnr = component_psnr(fp32_bundle, reference[2])
+    print("coreml fp32 tensor PSNR:", psnr)
+    assert min(psnr.values()) >= 60, psnr
+
+
+def test_fused_generator_matches_the_pipeline(fp32_bundle, reference):
+    ids, noise, _, image = reference
+    session = load_session(fp32_bundle)
+    fused = session.run("generator", {"input_ids": ids, "noise": noise})["image"]
+    assert fused.dtype == np.uint8 and fused.shape == image.shape
+    assert image_psnr(image, fused) >= 40
+    assert image_psnr(image, session.generate(ids, noise)) >= 40
+
+
+def test_fp16_split_einsum_matches_pytorch_at_35db(fp16_bundle, reference):
+    manifest = read_manifest(fp16_bundle)
+    assert manifest.details["coreml"]["attention"] == "split-einsum"
+    assert manifest.details["parity"]["unet_split_einsum_vs_original_psnr_db"] > 100
+    psnr = component_psnr(fp16_bundle, reference[2])
+    print("coreml fp16 split-einsum tensor PSNR:", psnr)
+    assert min(psnr.values()) >= 35, psnr
+
+
+def test_interpreter_detects_a_misconverted_weight(fp32_bundle, reference):
+    program = load_program(fp32_bundle / "Unet.mlpackage")
+    io = reference[2]["unet"]
+    feeds = {name: io[name][:1] for name in program.inputs}
+    expected = io["out_sample"][:1]
+    good = program.run(feeds)["out_sample"]
+    name = max(program.constants, key=lambda n: np.size(program.constants[n]))
+    damaged = program.run(feeds, {name: program.constants[name] * np.float32(2)})
+    assert tensor_metrics(expected, good)["psnr_db"] >= 60
+    assert tensor_metrics(expected, damaged["out_sample"])["psnr_db"] < 60
+
+
+@pytest.mark.parametrize("method", ["palettize-8", "palettize-4", "int8-linear"])
+def test_compressed_bundle_sizes_and_image_psnr(method, fp16_bundle, reference, tmp_path):
+    ids, noise, _, image = reference
+    out = get_exporter("coreml").quantize(fp16_bundle, tmp_path / method, method)
+    record = read_manifest(out).details["quantization"]
+    psnr = image_psnr(image, load_session(out).generate(ids, noise))
+    print(f"coreml {method}: size ratio {record['size_ratio']:.2f}x, image PSNR {psnr:.1f} dB")
+    assert record["size_ratio"] > 1.5
+    if method == "palettize-8":
+        assert psnr >= 30
+
+
+@pytest.mark.slow
+def test_mixed_bits_hold_the_target_psnr(pipeline, fp16_bundle, tmp_path):
+    calibration = build_calibration(pipeline, PROMPTS, tmp_path / "set")
+    options = {"target_psnr": 40, "calibration_samples": 2}
+    out = get_exporter("coreml").quantize(
+        fp16_bundle, tmp_path / "mixed", "mixed", calibration, options
+    )
+    record = read_manifest(out).details["quantization"]
+    mixed = record["mixed"]
+    print(
+        f"coreml mixed: {mixed['layers_per_bits']}, one-step latents {mixed['one_step_psnr_db']:.1f}"
+        f" dB, size ratio {record['size_ratio']:.2f}x"
+    )
+    assert set(mixed["layer_bits"].values()) <= {4, 8}
+    assert mixed["one_step_psnr_db"] >= 40 - 1  # the final package is palettized (k-means) anew
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="checks the refusal off macOS")
+def test_real_core_ml_off_macos_is_refused_in_one_sentence(fp32_bundle):
+    with pytest.raises(RuntimeUnavailable, match="only on macOS"):
+        load_session(fp32_bundle, device="coreml-device")
+    with pytest.raises(RuntimeUnavailable, match="only on macOS"):
+        load_session(fp32_bundle, require_device=True)
+    assert load_session(fp32_bundle).executed_on == "MIL interpreter (Linux)"
+
+
+@MACOS_ONLY
+def test_core_ml_prediction_on_macos(fp32_bundle, reference):
+    session = load_session(fp32_bundle, device="coreml-device", compute_units="CPU_ONLY")
+    assert session.executed_on == "Core ML (CPU_ONLY)"
+    assert min(component_psnr(fp32_bundle, reference[2]).values()) >= 60

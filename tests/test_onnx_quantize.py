@@ -1,0 +1,183 @@
+"""Quantizing an ONNX bundle: fp16 with overflow fallback, int8 dynamic, int8 static QDQ."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from instaflow_edge.calibration.builder import build_calibration
+from instaflow_edge.components import ComponentSpec, TensorSpec
+from instaflow_edge.export import get_exporter
+from instaflow_edge.export.onnx import convert_to_fp16
+from instaflow_edge.manifest import verify_bundle
+from instaflow_edge.metrics import image_psnr, tensor_metrics
+from instaflow_edge.runtimes.onnxruntime import OnnxRuntime
+from tests.conftest import assert_one_line_error, run_cli
+
+PROMPT = "a red circle above a blue square"
+COLOURS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "triangle"]
+CALIBRATION_PROMPTS = [
+    f"a {c} {s} above a {d} square" for c in COLOURS for s in SHAPES for d in COLOURS[:1]
+]
+
+
+@pytest.fixture(scope="module")
+def calibration(pipeline, tmp_path_factory):
+    return build_calibration(pipeline, CALIBRATION_PROMPTS, tmp_path_factory.mktemp("cal") / "set")
+
+
+def end_to_end_psnr(bundle, pipeline) -> float:
+    """8-bit image PSNR of the bundle's three graphs against PyTorch, same ids and noise."""
+    session = OnnxRuntime().load(bundle, "cpu", fused=False)
+    ids, noise = (
+        pipeline.tokenize([PROMPT, "two small green triangles"]),
+        pipeline.make_noise([7, 8]),
+    )
+    reference = pipeline(input_ids=ids, noise=noise, output_type="np")
+    return image_psnr(reference, session.generate(ids.numpy(), noise.numpy()))
+
+
+def op_types(bundle, component: str) -> set[str]:
+    return {node.op_type for node in onnx.load(str(bundle / component / "model.onnx")).graph.node}
+
+
+def test_fp16_quantization_keeps_35_db_per_graph_and_a_new_manifest(
+    onnx_bundle, pipeline, tmp_path
+):
+    bundle = get_exporter("onnx").quantize(onnx_bundle, tmp_path / "fp16", "fp16")
+    manifest = verify_bundle(bundle)
+    assert manifest.quantization == "fp16" and manifest.precision == "fp16"
+    assert set(manifest.assets) == set(verify_bundle(onnx_bundle).assets)  # tokenizer copied
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "generator"}
+    io = pipeline.component_io(pipeline.tokenize([PROMPT]), pipeline.make_noise([0]))
+    session = OnnxRuntime().load(bundle, "cpu")
+    outputs = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
+    for name, output in outputs.items():
+        feeds = {k: v for k, v in io[name].items() if k != output}
+        psnr = tensor_metrics(io[name][output], session.run(name, feeds)[output])["psnr_db"]
+        assert psnr >= 35, (name, psnr)
+
+
+def test_fp16_overflow_keeps_the_overflowing_ops_in_fp32(tmp_path, caplog):
+    # y = (x * 1000 * 1000) * 1e-6: the middle value leaves fp16's range (65504) and becomes Inf
+    nodes = [
+        helper.make_node("Mul", ["x", "k1000"], ["a"], name="scale_up_1"),
+        helper.make_node("Mul", ["a", "k1000"], ["b"], name="scale_up_2"),
+        helper.make_node("Mul", ["b", "k1e-6"], ["y"], name="scale_down"),
+        helper.make_node("Add", ["y", "x"], ["z"], name="harmless"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])],
+        initializer=[
+            helper.make_tensor("k1000", TensorProto.FLOAT, [], [1000.0]),
+            helper.make_tensor("k1e-6", TensorProto.FLOAT, [], [1e-6]),
+        ],
+    )
+    source = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    x = np.linspace(1, 8, 8, dtype=np.float32).reshape(1, 8)
+    spec = ComponentSpec(
+        "toy", (TensorSpec("x", (1, 8), "float32"),), (TensorSpec("z", (1, 8), "float32"),)
+    )
+    kept = convert_to_fp16(source, tmp_path / "fp16.onnx", {"x": x}, spec)
+    assert kept == ["scale_up_2", "scale_down"]
+    assert "toy: fp16 would overflow (Inf) in 2 ops: kept them in fp32" in caplog.text
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(tmp_path / "fp16.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, 2 * x, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("method", "integer_conv"), [("int8-dynamic", False), ("int8-dynamic-all", True)]
+)
+def test_int8_dynamic_matmul_only_or_all_ops(onnx_bundle, pipeline, tmp_path, method, integer_conv):
+    bundle = get_exporter("onnx").quantize(onnx_bundle, tmp_path / method, method)
+    assert verify_bundle(bundle).quantization == method
+    ops = op_types(bundle, "unet")
+    assert "MatMulInteger" in ops
+    assert ("ConvInteger" in ops) is integer_conv
+    assert end_to_end_psnr(bundle, pipeline) >= 25
+
+
+@pytest.mark.parametrize("calibration_method", ["minmax", "percentile"])
+def test_int8_static_qdq_per_channel_from_a_calibration_set(
+    onnx_bundle, pipeline, calibration, tmp_path, calibration_method
+):
+    options = {"calibration_method": calibration_method}
+    bundle = get_exporter("onnx").quantize(
+        onnx_bundle, tmp_path / "static", "int8-static", calibration, options
+    )
+    manifest = verify_bundle(bundle)
+    assert manifest.quantization == "int8-static"
+    assert manifest.details["calibration"]["samples"] == len(CALIBRATION_PROMPTS)
+    assert manifest.details["calibration"]["method"] == calibration_method
+    unet = onnx.load(str(bundle / "unet" / "model.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in unet.graph.node}
+    per_channel = [
+        n
+        for n in unet.graph.node
+        if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)
+    ]
+    assert per_channel  # weights are quantized per output channel
+    assert end_to_end_psnr(bundle, pipeline) >= 25
+
+
+def test_cli_quantize_prints_bundle_and_parity(onnx_bundle, tmp_path):
+    result = run_cli(
+        "quantize",
+        "--bundle",
+        str(onnx_bundle),
+        "--method",
+        "int8-dynamic",
+        "--out",
+        str(tmp_path / "q"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"bundle: {tmp_path / 'q'} (onnx, int8-dynamic, 4 graphs)" in result.stdout
+    assert "parity vs fp32 bundle" in result.stdout
+    assert (
+        json.loads((tmp_path / "q" / "manifest.json").read_text())["quantization"] == "int8-dynamic"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--method", "int4"], ["unknown method 'int4'", "int8-static"]),
+        (["--method", "int8-static"], ["int8-static needs --calibration"]),
+        (["--method", "int8-static", "--calibration", "/nonexistent"], ["not a calibration set"]),
+        (
+            [
+                "--method",
+                "int8-static",
+                "--calibration",
+                "/nonexistent",
+                "--calibration-method",
+                "mse",
+            ],
+            ["unknown calibration method 'mse'", "percentile"],
+        ),
+    ],
+)
+def test_cli_quantize_mistakes_are_one_line(onnx_bundle, tmp_path, args, words):
+    result = run_cli("quantize", "--bundle", str(onnx_bundle), *args, "--out", str(tmp_path / "q"))
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_quantize_refuses_an_existing_out_and_a_non_bundle(onnx_bundle, tmp_path):
+    (tmp_path / "q").mkdir()
+    args = ["--method", "fp16", "--out", str(tmp_path / "q")]
+    assert_one_line_error(
+        run_cli("quantize", "--bundle", str(onnx_bundle), *args), "already exists"
+    )
+    assert_one_line_error(run_cli("quantize", "--bundle", str(tmp_path), *args), "no manifest.json")

@@ -1,0 +1,126 @@
+"""The ONNX Runtime runtime: no torch on the edge, providers that really ran, generate --bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from instaflow_edge.runtimes import load_session
+from instaflow_edge.runtimes.onnxruntime import CPU, CUDA, OnnxRuntime
+from tests.conftest import assert_one_line_error, run_cli
+
+PROMPT = "a red circle above a blue square"
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+BLOCK_TORCH = """
+import sys
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+            raise ImportError(f"{name} is blocked: edge runtimes must not import it")
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    script = BLOCK_TORCH + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+def test_runtime_runs_a_bundle_with_torch_blocked(onnx_bundle, pipeline, tmp_path):
+    np.save(tmp_path / "noise.npy", pipeline.make_noise([0]).numpy())
+    result = run_without_torch(
+        f"""
+        import numpy as np
+        from instaflow_edge.runtimes import load_session
+        session = load_session({str(onnx_bundle)!r}, "cpu")
+        ids = session.tokenize([{PROMPT!r}])
+        noise = np.load({str(tmp_path / "noise.npy")!r})
+        np.save({str(tmp_path / "fused.npy")!r}, session.generate(ids, noise))
+        session.fused = False
+        np.save({str(tmp_path / "three.npy")!r}, session.generate(ids, noise))
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        print(session.executed_on)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == CPU
+    reference = pipeline(PROMPT, seed=0, output_type="np")
+    for name in ("fused", "three"):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), reference)
+
+
+def test_blocker_really_blocks_torch():
+    result = run_without_torch("import instaflow_edge.runtimes.torch_ref")
+    assert result.returncode != 0 and "torch is blocked" in result.stderr
+
+
+def test_cli_generate_with_a_bundle_runs_without_torch(onnx_bundle, tmp_path):
+    out = tmp_path / "edge.png"
+    result = run_without_torch(
+        f"""
+        from instaflow_edge.cli import main
+        sys.exit(main(["generate", "--bundle", {str(onnx_bundle)!r}, "-p", {PROMPT!r}, "--out", {str(out)!r}]))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch is not installed: noise from numpy" in result.stderr
+    assert Image.open(out).size == (64, 64)
+
+
+def test_cli_generate_with_a_bundle_matches_the_reference_png(onnx_bundle, tmp_path):
+    from_bundle = run_cli(
+        "generate", "--bundle", str(onnx_bundle), "-p", PROMPT, "--out", str(tmp_path / "b.png")
+    )
+    from_model = run_cli("generate", "-p", PROMPT, "--out", str(tmp_path / "m.png"))
+    assert from_bundle.returncode == 0, from_bundle.stderr
+    assert from_model.returncode == 0, from_model.stderr
+    assert f"ran {onnx_bundle} on {CPU}" in from_bundle.stderr
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "m.png").read_bytes()
+
+
+def test_cli_generate_bundle_and_model_are_exclusive(onnx_bundle, tmp_path):
+    result = run_cli("generate", "--bundle", str(onnx_bundle), "--model", "tiny", "-p", PROMPT)
+    assert_one_line_error(result, "not allowed with argument")
+
+
+def test_executed_on_is_the_provider_that_ran(onnx_bundle):
+    session = load_session(onnx_bundle, "cpu")
+    assert session.executed_on == CPU
+    assert {s.get_providers()[0] for s in session.sessions.values()} == {CPU}
+    assert json.loads((onnx_bundle / "manifest.json").read_text())["target"] == "onnx"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without the CUDA provider")
+def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(onnx_bundle, caplog):
+    session = OnnxRuntime().load(onnx_bundle, "cuda")
+    assert session.executed_on == CPU
+    assert "no CUDA provider" in caplog.text
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_session_runs_on_cuda_with_parity(onnx_bundle, pipeline):
+    session = OnnxRuntime().load(onnx_bundle, "cuda")
+    assert session.executed_on == CUDA
+    ids, noise = pipeline.tokenize([PROMPT]).numpy(), pipeline.make_noise([0]).numpy()
+    reference = pipeline(PROMPT, seed=0, output_type="np")
+    assert np.abs(session.generate(ids, noise).astype(int) - reference).max() <= 1
+
+
+def test_unknown_component_and_missing_input_are_user_errors(onnx_bundle):
+    from instaflow_edge.errors import UserError
+
+    session = load_session(onnx_bundle, "cpu")
+    with pytest.raises(UserError, match="no component 'safety_checker'"):
+        session.run("safety_checker", {})
+    with pytest.raises(UserError, match="needs input 'timestep'"):
+        session.run("unet", {"sample": np.zeros((1, 4, 16, 16), np.float32)})

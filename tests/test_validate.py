@@ -1,0 +1,289 @@
+"""validate and bench, target-agnostic: a "torch" bundle (the PyTorch reference as the bundle side)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from instaflow_edge.components import component_specs
+from instaflow_edge.export.base import copy_tokenizer, staged_bundle, write_bundle_manifest
+from instaflow_edge.manifest import read_manifest
+from instaflow_edge.report import render_html
+from instaflow_edge.validate import REPORT_SCHEMA_VERSION, gate_basis, resolve_gates
+from tests.conftest import assert_one_line_error, run_cli
+
+FAST = ["--limit", "2", "--runs", "1", "--warmup", "0"]
+REPORT_KEYS = {
+    "schema_version",
+    "tool",
+    "toolkit_version",
+    "created",
+    "status",
+    "summary",
+    "reason",
+    "failures",
+    "bundle",
+    "reference",
+    "inputs",
+    "gates",
+    "components",
+    "end_to_end",
+    "latency",
+    "environment",
+}
+MODEL_FILES = {
+    "text_encoder": "model/text_encoder/model.safetensors",
+    "unet": "model/unet/diffusion_pytorch_model.safetensors",
+    "vae_decoder": "model/vae/diffusion_pytorch_model.safetensors",
+}
+
+
+def make_torch_bundle(pipeline, out, unet_scale: float = 1.0, **manifest_fields):
+    """A bundle whose target is "torch": a saved copy of the model (its UNet's first conv weight
+    scaled by `unet_scale`), run by TorchRuntime. Its manifest names the embedded model as source."""
+    with staged_bundle(out) as staging:
+        pipeline.save_pretrained(staging / "model")
+        if unet_scale != 1.0:
+            from safetensors.torch import load_file, save_file
+
+            path = staging / MODEL_FILES["unet"]
+            weights = load_file(path)
+            weights["conv_in.weight"] = weights["conv_in.weight"] * unet_scale
+            save_file(weights, path)
+        specs = component_specs(pipeline.shapes)
+        components = {name: (specs[name], file, []) for name, file in MODEL_FILES.items()}
+        manifest = write_bundle_manifest(
+            staging,
+            pipeline,
+            "torch",
+            manifest_fields.pop("precision", "fp32"),
+            components,
+            copy_tokenizer(pipeline, staging),
+            source_model={"id": str(out / "model"), "sha256": pipeline.fingerprint()},
+            **manifest_fields,
+        )
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def bundle(pipeline, tmp_path_factory):
+    return make_torch_bundle(pipeline, tmp_path_factory.mktemp("b") / "torch-bundle")[0]
+
+
+@pytest.fixture(scope="module")
+def damaged(pipeline, tmp_path_factory):
+    return make_torch_bundle(pipeline, tmp_path_factory.mktemp("d") / "damaged", unet_scale=1.5)[0]
+
+
+def validate(bundle, *args, report=None):
+    report = report or bundle.with_name(f"{bundle.name}-report")
+    result = run_cli("validate", "--bundle", str(bundle), "--reference", "tiny", *FAST, *args)
+    data = json.loads((report / "report.json").read_text()) if report.exists() else None
+    return result, data
+
+
+@pytest.fixture(scope="module")
+def passed(bundle):
+    result, report = validate(bundle)
+    html = (bundle.with_name(f"{bundle.name}-report") / "report.html").read_text()
+    return result, report, html
+
+
+def test_matching_bundle_passes_and_writes_both_reports(passed):
+    result, report, _ = passed
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(report) == REPORT_KEYS and report["schema_version"] == REPORT_SCHEMA_VERSION
+    assert report["status"] == "passed" and report["failures"] == []
+    assert report["reference"]["matches_bundle_source"] is True
+    assert report["gates"]["basis"] == "fp32" and report["gates"]["min_tensor_psnr_db"] == 60.0
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        component = report["components"][name]
+        assert component["compared"] and all(check["passed"] for check in component["checks"])
+    assert report["inputs"]["prompts"] == [
+        "two small black squares",
+        "two large yellow triangles",
+    ]  # the first of the synthetic set, the default for the embedded model
+    assert report["inputs"]["seeds"] == [0, 1] and report["inputs"]["timestep"] == 1000.0
+    rows = report["latency"]["rows"]
+    assert set(rows) == {"text_encoder", "unet", "vae_decoder", "end_to_end"}
+    assert all(row["bundle"]["p50_ms"] > 0 and row["ratio_p50"] > 0 for row in rows.values())
+    environment = report["environment"]
+    assert environment["device"] == "cpu" and environment["bundle_executed_on"] == "cpu"
+    assert environment["threads"]["torch"] == torch.get_num_threads()
+    assert {"torch", "instaflow-edge"} <= set(environment["library_versions"])
+    assert "passed" in result.stdout
+    assert re.search(r"report: \S+report\.html", result.stdout)
+
+
+def test_damaged_unet_fails_with_exit_1_naming_the_component(damaged):
+    result, report = validate(damaged)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(summary) == 1 and "unet" in summary[0] and "tensor PSNR" in summary[0]
+    assert "text_encoder" not in summary[0]  # only what failed is named
+    assert report["status"] == "failed"
+    assert {failure["where"] for failure in report["failures"]} >= {"unet"}
+    unet = report["components"]["unet"]["outputs"]["out_sample"]
+    assert unet["psnr_db"] < 60 and report["components"]["text_encoder"]["checks"][1]["passed"]
+
+
+def test_gates_are_overridable_and_recorded(damaged, tmp_path, capsys):
+    from instaflow_edge.cli import main
+
+    args = ["--min-tensor-psnr", "off", "--min-image-psnr", "3", "--report", str(tmp_path / "r")]
+    status = main(["validate", "--bundle", str(damaged), "--reference", "tiny", *FAST, *args])
+    assert status == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    gates = report["gates"]
+    assert gates["min_tensor_psnr_db"] is None and gates["min_image_psnr_db"] == 3.0
+    assert sorted(gates["overridden"]) == ["min_image_psnr_db", "min_tensor_psnr_db"]
+    assert [c["gate"] for c in report["end_to_end"]["checks"]] == ["image PSNR"]
+    assert "overridden" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_tampered_file_is_refused_before_running(pipeline, tmp_path):
+    bundle, _ = make_torch_bundle(pipeline, tmp_path / "bundle")
+    path = bundle / MODEL_FILES["unet"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result, report = validate(bundle)
+    assert_one_line_error(result, "unet/diffusion_pytorch_model.safetensors", "sha256")
+    assert result.returncode == 2 and report is None  # nothing ran, no report
+
+
+def test_reference_that_differs_from_the_source_is_flagged(pipeline, tmp_path, caplog):
+    from instaflow_edge.validate import validate_bundle
+
+    bundle, _ = make_torch_bundle(pipeline, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["source_model"]["sha256"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    caplog.set_level("WARNING", logger="instaflow_edge")
+    validation = validate_bundle(bundle, ["a red circle"], reference_model="tiny", runs=1, warmup=0)
+    assert "not the model this bundle was exported from" in caplog.text
+    assert validation.report["reference"]["matches_bundle_source"] is False
+
+
+def test_html_report_is_self_contained(passed):
+    html = passed[2]
+    assert "http://" not in html and "https://" not in html
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<svg" in html and "end_to_end" in html and "unet" in html
+
+
+def test_default_gates_follow_the_bundle_kind(pipeline, tmp_path):
+    cases = {("fp32", None): "fp32", ("fp16", None): "fp16", ("fp32", "int8-static"): "quantized"}
+    for index, ((precision, quantization), basis) in enumerate(cases.items()):
+        bundle, _ = make_torch_bundle(
+            pipeline, tmp_path / str(index), precision=precision, quantization=quantization
+        )
+        manifest = read_manifest(bundle)
+        assert gate_basis(manifest) == basis
+    gates = resolve_gates(manifest, {"min_unet_cosine": 0.99})
+    assert (gates.min_image_psnr_db, gates.min_unet_cosine) == (25.0, 0.99)
+    assert gates.min_tensor_psnr_db is None and gates.overridden == ["min_unet_cosine"]
+
+
+def test_nan_output_fails_the_finite_gate(bundle, monkeypatch):
+    from instaflow_edge.runtimes.torch_ref import TorchSession
+    from instaflow_edge.validate import validate_bundle
+
+    original = TorchSession.run
+
+    def nan_vae(self, component, feeds):
+        outputs = original(self, component, feeds)
+        if component == "vae_decoder" and self.pipeline.source != "embedded:tiny":
+            outputs["sample"] = np.full_like(outputs["sample"], np.nan)
+        return outputs
+
+    monkeypatch.setattr(TorchSession, "run", nan_vae)
+    validation = validate_bundle(bundle, ["a red circle"], reference_model="tiny", runs=1, warmup=0)
+    failures = validation.report["failures"]
+    assert [(f["where"], f["gate"]) for f in failures] == [
+        ("vae_decoder", "sample finite (no NaN/Inf)")
+    ]
+    assert "vae_decoder: sample finite (no NaN/Inf) failed" in validation.report["summary"]
+    assert render_html(validation.report).count('class="failed"') >= 1
+
+
+def test_bench_prints_ratios_and_writes_json(bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "--bundle", str(bundle), "--runs", "2", "--warmup", "1", "--json", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    for part in ("text_encoder", "unet", "vae_decoder", "end_to_end"):
+        assert re.search(rf"^{part}\s.*\d+\.\d\dx$", result.stdout, re.MULTILINE), result.stdout
+    data = json.loads(out.read_text())
+    assert len(data["latency"]["rows"]["unet"]["bundle"]["times_ms"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--bundle", "nowhere"], ["nowhere", "does not exist"]),
+        (["--runs", "0"], ["--runs"]),
+        (["--prompts", "no-such-set"], ["no-such-set", "general", "synthetic"]),
+    ],
+)
+def test_validate_mistakes_are_one_line(bundle, args, words):
+    base = ["--bundle", str(bundle)] if args[0] != "--bundle" else []
+    assert_one_line_error(run_cli("validate", *base, *args), *words)
+
+
+def test_onnx_bundle_validates_and_a_damaged_unet_fails(onnx_bundle, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from instaflow_edge.manifest import sha256_file, write_manifest
+
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "onnx"))  # the shared fused export
+    result, report = validate(bundle, "--report", str(tmp_path / "ok"), report=tmp_path / "ok")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["bundle"]["target"] == "onnx" and report["status"] == "passed"
+    assert report["environment"]["bundle_executed_on"] == "CPUExecutionProvider"
+    assert set(report["components"]) == {"text_encoder", "unet", "vae_decoder", "generator"}
+    assert all(result["compared"] for result in report["components"].values())
+
+    path = bundle / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    weight = max(model.graph.initializer, key=lambda tensor: np.prod(tensor.dims))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(model, str(path))
+    manifest = read_manifest(bundle)
+    manifest.components["unet"].files["unet/model.onnx"] = sha256_file(path)
+    write_manifest(bundle, manifest)  # re-signed: not refused, so the gates must catch it
+    result, report = validate(bundle, "--report", str(tmp_path / "bad"), report=tmp_path / "bad")
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(summary) == 1 and "unet: out_sample tensor PSNR" in summary[0]
+    assert "text_encoder" not in summary[0] and "vae_decoder" not in summary[0]
+
+
+def test_a_runtime_that_cannot_run_here_is_reported_skipped_never_passed(
+    bundle, tmp_path, monkeypatch, capsys
+):
+    import instaflow_edge.validate as validate_module
+    from instaflow_edge.cli import main
+    from instaflow_edge.runtimes import RuntimeUnavailable
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeUnavailable("Core ML runs only on macOS")
+
+    monkeypatch.setattr(validate_module, "load_session", unavailable)
+    status = main(["validate", "--bundle", str(bundle), "--report", str(tmp_path / "r")])
+    assert status == 3
+    assert "skipped: Core ML runs only on macOS" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["status"] == "skipped" and report["reason"] == "Core ML runs only on macOS"
+    assert "skipped" in (tmp_path / "r" / "report.html").read_text()
