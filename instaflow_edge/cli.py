@@ -14,7 +14,6 @@ from instaflow_edge.commands import (
     export,
     generate,
     inspect,
-    pending,
     quantize,
     train,
     validate,
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate, export, quantize, train, pending, inspect, calibrate, validate, bench):
+    for module in (generate, inspect, export, quantize, calibrate, validate, bench, train):
         module.register(subparsers)
     return parser
 

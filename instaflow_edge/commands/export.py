@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Every graph is checked against PyTorch on fixed inputs and the numbers are printed."
         ),
     )
-    parser.add_argument("--target", default="onnx", help="target runtime (onnx)")
+    parser.add_argument(
+        "--target", default="onnx", help="target runtime: onnx (default), openvino or coreml"
+    )
     parser.add_argument(
         "--model",
         help="model: 'tiny' (embedded default), 'sd15' (random weights), a directory or a hub id",
@@ -37,6 +39,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("cpu", "cuda"),
         help="optimise the graphs for this device (cpu: CPU-safe fusions; cuda: all fusions, "
         "runs on CUDA only); default: unoptimised, portable graphs",
+    )
+    parser.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="openvino: a dynamic batch axis (default: static batch 1, the one-step case); "
+        "onnx graphs always have a dynamic batch, coreml packages take batch 1",
+    )
+    parser.add_argument(
+        "--compute-units",
+        choices=("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"),
+        help="coreml: the compute units the packages ask for (default ALL)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("original", "split-einsum"),
+        help="coreml: attention layout; split-einsum suits the Neural Engine (default original)",
+    )
+    parser.add_argument(
+        "--min-target", help="coreml: minimum deployment target, e.g. iOS16 (default), macOS14"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     parser.set_defaults(run=run)
@@ -61,7 +82,15 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     pipeline = OneStepPipeline.from_pretrained(args.model)
-    options = {"fused": args.fused, "device": args.device, "overwrite": args.overwrite}
+    options = {
+        "fused": args.fused,
+        "device": args.device,
+        "overwrite": args.overwrite,
+        "dynamic_batch": args.dynamic_batch,
+        "compute_units": args.compute_units,
+        "attention": args.attention,
+        "min_target": args.min_target,
+    }
     bundle = exporter.export(pipeline, out, args.precision, options)
     print(parity_summary(bundle))
     return 0

@@ -16,7 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Quantize an exported fp32 bundle into a new bundle for its target (read from its "
             "manifest), then check it against the fp32 bundle on fixed inputs. ONNX methods: "
             "fp16 (I/O kept fp32; ops that overflow fp16 kept fp32), int8-dynamic (MatMul only), "
-            "int8-dynamic-all (every op), int8-static (QDQ, per-channel, needs --calibration)."
+            "int8-dynamic-all (every op), int8-static (QDQ, per-channel, needs --calibration). "
+            "OpenVINO: int8-weights, int4-weights, hybrid and int8-full (the last two need "
+            "--calibration). Core ML: palettize-8, palettize-6, palettize-4, int8-linear, mixed "
+            "(per-layer bits holding --target-psnr on the one-step latents)."
         ),
     )
     parser.add_argument("--bundle", type=Path, required=True, help="the fp32 bundle to quantize")
@@ -28,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--calibration-method",
         default="minmax",
         help="how int8-static sets activation ranges: minmax (default) or percentile",
+    )
+    parser.add_argument(
+        "--target-psnr",
+        type=float,
+        help="coreml mixed: the one-step latents' PSNR to hold, in dB (default 40)",
     )
     parser.add_argument(
         "-o", "--out", type=Path, help="new bundle directory (default: BUNDLE-METHOD)"
@@ -50,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.bundle.with_name(f"{args.bundle.name}-{args.method}")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
-    options = {"calibration_method": args.calibration_method, "overwrite": args.overwrite}
+    options = {
+        "calibration_method": args.calibration_method,
+        "overwrite": args.overwrite,
+        "target_psnr": args.target_psnr,
+    }
     bundle = exporter.quantize(args.bundle, out, args.method, args.calibration, options)
     print(parity_summary(bundle))
     return 0
