@@ -5,6 +5,7 @@ Imports only numpy, `tokenizers` and the standard library (never torch): edge bo
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest, SamplingRecipe, verify_bundle
+
+logger = logging.getLogger(__name__)
 
 
 class RuntimeUnavailable(UserError):
@@ -68,6 +71,34 @@ class Session(ABC):
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """The one-step recipe from components: uint8 NHWC images from token ids and noise."""
         return images_to_uint8(self.component_io(input_ids, noise)["vae_decoder"]["sample"])
+
+
+class BundleSession(Session):
+    """A session over an exported bundle: it tokenizes with the bundle's own `tokenizer.json`
+    and, when the bundle holds a fused generator and it was asked for, generates in one call."""
+
+    fused: bool = False
+
+    def attach_tokenizer(self, bundle: Path, manifest: Manifest) -> None:
+        length = int(manifest.components["text_encoder"].spec.inputs[0].shape[-1])
+        self.tokenizer = load_bundle_tokenizer(bundle, length)
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        if not prompts or any(not prompt.strip() for prompt in prompts):
+            raise UserError("empty prompt: describe the image to generate")
+        encodings = self.tokenizer.encode_batch(prompts)
+        for prompt, encoding in zip(prompts, encodings, strict=True):
+            if encoding.overflowing:
+                logger.warning(
+                    "prompt longer than %d tokens: truncated: %r", len(encoding.ids), prompt
+                )
+        return np.array([encoding.ids for encoding in encodings], dtype=np.int64)
+
+    def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """With a fused generator (and fused=True at load): one graph call; else three graphs."""
+        if self.fused:
+            return self.run("generator", {"input_ids": input_ids, "noise": noise})["image"]
+        return super().generate(input_ids, noise)
 
 
 class Runtime(ABC):

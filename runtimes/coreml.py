@@ -15,10 +15,10 @@ import numpy as np
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
 from instaflow_edge.runtimes.base import (
+    BundleSession,
     Runtime,
     RuntimeUnavailable,
     Session,
-    load_bundle_tokenizer,
 )
 
 INTERPRETER = f"MIL interpreter ({platform.system()})"
@@ -73,7 +73,7 @@ def run_package(
     return predictor(feeds), predictor.executed_on
 
 
-class CoreMLSession(Session):
+class CoreMLSession(BundleSession):
     runtime = "coreml"
 
     def __init__(self, bundle: Path, manifest: Manifest, compute_units: str, device: bool):
@@ -83,8 +83,7 @@ class CoreMLSession(Session):
             for name, entry in manifest.components.items()
         }
         self.executed_on = next(iter(self.components.values())).executed_on
-        length = manifest.components["text_encoder"].spec.inputs[0].shape[-1]
-        self.tokenizer = load_bundle_tokenizer(bundle, max_length=int(length))
+        self.attach_tokenizer(bundle, manifest)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Core ML models here take batch 1: a batch runs one sample at a time, then stacks."""
@@ -101,9 +100,6 @@ class CoreMLSession(Session):
         if component == "generator":  # int32 pixels in the package; uint8 by the contract
             return {"image": out["image"].astype(np.uint8)}
         return {k: v.astype(np.float32) for k, v in out.items()}
-
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
 
 
 class CoreMLRuntime(Runtime):

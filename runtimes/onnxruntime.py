@@ -15,7 +15,7 @@ import numpy as np
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
-from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session, load_bundle_tokenizer
+from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeUnavailable, Session
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def providers_for(device: str) -> list[str]:
     return [CPU]
 
 
-class OnnxSession(Session):
+class OnnxSession(BundleSession):
     """The bundle's graphs, one InferenceSession each, fed through IO binding.
 
     On CUDA the inputs are bound on the GPU once, so `prepare(...)` returns a call whose timing
@@ -73,8 +73,7 @@ class OnnxSession(Session):
         if providers[0] == CUDA and self.executed_on != CUDA:
             logger.warning("CUDA was asked for but the CUDA provider did not load: running on CPU")
         self.fused = fused and "generator" in self.sessions
-        text_length = int(self.specs["text_encoder"].inputs[0].shape[1])
-        self.tokenizer = load_bundle_tokenizer(bundle, text_length)
+        self.attach_tokenizer(bundle, manifest)
 
     @property
     def _device(self) -> str:
@@ -107,17 +106,6 @@ class OnnxSession(Session):
         binding = self.prepare(component, feeds)()
         names = [spec.name for spec in self.specs[component].outputs]
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
-
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        if not prompts or any(not prompt.strip() for prompt in prompts):
-            raise UserError("empty prompt: describe the image to generate")
-        return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
-
-    def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """With a fused generator (and fused=True at load): one graph call; else three graphs."""
-        if self.fused:
-            return self.run("generator", {"input_ids": input_ids, "noise": noise})["image"]
-        return super().generate(input_ids, noise)
 
 
 class OnnxRuntime(Runtime):

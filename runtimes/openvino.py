@@ -13,7 +13,7 @@ import numpy as np
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
-from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session, load_bundle_tokenizer
+from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeUnavailable, Session
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 HINTS = ("LATENCY", "THROUGHPUT")
@@ -72,7 +72,7 @@ def compile_config(
     return config
 
 
-class OpenVinoSession(Session):
+class OpenVinoSession(BundleSession):
     """One compiled model and infer request per component.
 
     `executed_on` is what OpenVINO reports it ran on (AUTO resolved through EXECUTION_DEVICES);
@@ -112,8 +112,7 @@ class OpenVinoSession(Session):
             threads if threads is not None else config.get("INFERENCE_NUM_THREADS", 0)
         )
         self.fused = fused and "generator" in self.compiled
-        text_length = int(self.specs["text_encoder"].inputs[0].shape[1])
-        self.tokenizer = load_bundle_tokenizer(bundle, text_length)
+        self.attach_tokenizer(bundle, manifest)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a component; a static batch-1 graph fed a larger batch runs one sample at a time."""
@@ -139,17 +138,6 @@ class OpenVinoSession(Session):
         return {
             t.name: request.get_tensor(t.name).data.copy() for t in self.specs[component].outputs
         }
-
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        if not prompts or any(not prompt.strip() for prompt in prompts):
-            raise UserError("empty prompt: describe the image to generate")
-        return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
-
-    def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """With a fused generator (and fused=True at load): one graph call; else three graphs."""
-        if self.fused:
-            return self.run("generator", {"input_ids": input_ids, "noise": noise})["image"]
-        return super().generate(input_ids, noise)
 
 
 def _property(compiled, name: str):

@@ -124,3 +124,15 @@ def test_unknown_component_and_missing_input_are_user_errors(onnx_bundle):
         session.run("safety_checker", {})
     with pytest.raises(UserError, match="needs input 'timestep'"):
         session.run("unet", {"sample": np.zeros((1, 4, 16, 16), np.float32)})
+
+
+def test_bundle_tokenizer_truncates_long_prompts_with_a_warning(onnx_bundle, caplog):
+    import logging
+
+    from instaflow_edge.runtimes import load_session
+
+    session = load_session(onnx_bundle, "cpu")
+    with caplog.at_level(logging.WARNING, logger="instaflow_edge"):
+        ids = session.tokenize([" ".join(["red circle"] * 30), "a red circle"])
+    assert ids.shape == (2, 32)
+    assert caplog.text.count("truncated") == 1
