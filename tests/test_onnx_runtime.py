@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +18,8 @@ from instaflow_edge.runtimes.onnxruntime import CPU, CUDA, OnnxRuntime
 from tests.conftest import assert_one_line_error, run_cli
 
 PROMPT = "a red circle above a blue square"
-HAS_CUDA = CUDA in ort.get_available_providers()
+# onnxruntime-gpu lists the CUDA provider even on a machine without a GPU, where it cannot load
+HAS_CUDA = CUDA in ort.get_available_providers() and Path("/dev/nvidia0").exists()
 
 BLOCK_TORCH = """
 import sys
@@ -100,11 +102,12 @@ def test_executed_on_is_the_provider_that_ran(onnx_bundle):
     assert json.loads((onnx_bundle / "manifest.json").read_text())["target"] == "onnx"
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without the CUDA provider")
+@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine where CUDA cannot run")
 def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(onnx_bundle, caplog):
     session = OnnxRuntime().load(onnx_bundle, "cuda")
     assert session.executed_on == CPU
-    assert "no CUDA provider" in caplog.text
+    # a CPU build has no CUDA provider; a GPU build without a GPU has one that fails to load
+    assert "CUDA" in caplog.text and "running on" in caplog.text
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
