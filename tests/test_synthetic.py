@@ -14,8 +14,13 @@ from instaflow_edge.synthetic.captions import (
     sample_split,
 )
 from instaflow_edge.synthetic.checker import check_image, prompt_accuracy
-from instaflow_edge.synthetic.features import features, frechet_distance, train_feature_net
-from instaflow_edge.synthetic.render import render
+from instaflow_edge.synthetic.features import (
+    _border_background,
+    features,
+    frechet_distance,
+    train_feature_net,
+)
+from instaflow_edge.synthetic.render import RGB, render
 from instaflow_edge.train.data import render_batch
 
 
@@ -72,3 +77,10 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift(tmp_pa
     assert a.shape == (64, 64)
     assert abs(frechet_distance(a, a)) < 1e-6
     assert frechet_distance(a, a + 1.0) == pytest.approx(64.0, rel=1e-6)
+
+
+def test_feature_labels_read_the_background_even_under_a_shape_in_the_corner():
+    image = np.empty((64, 64, 3), dtype=np.uint8)
+    image[:] = RGB["gray"]
+    image[:10, :10] = RGB["red"]  # a shape over the top-left corner
+    assert _border_background(image) == "gray"

@@ -58,11 +58,13 @@ def _labelled_batch(
 
 
 def _border_background(image: np.ndarray) -> str:
-    corner = tuple(int(v) for v in image[0, 0])
-    for name in BACKGROUNDS:
-        if RGB[name] == corner:
-            return name
-    raise ValueError(f"corner pixel {corner} is not a background colour")
+    """The commonest background colour on the image's border (a shape may cover a corner)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    counts = {name: int((border == RGB[name]).all(-1).sum()) for name in BACKGROUNDS}
+    name = max(counts, key=counts.__getitem__)
+    if not counts[name]:
+        raise ValueError("no background colour on the image border")
+    return name
 
 
 def train_feature_net(
