@@ -26,7 +26,7 @@ from instaflow_edge.train.stages import (
 
 logger = logging.getLogger(__name__)
 
-# Per-stage settings of each scale. "full" is the reproduction (about 20 CPU-minutes);
+# Per-stage settings of each scale. "full" is the reproduction (measured: about 55 minutes on one busy thread);
 # "ci" is the same recipe at toy sizes, for the test suite (its 1-RF is trained enough to bend
 # its paths, so that reflow and distillation have something to learn).
 SCALES: dict[str, dict[str, dict]] = {
