@@ -12,27 +12,19 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from instaflow_edge.latency import time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_tiny_cpu.json"
 PROMPT = "a red circle above a blue square"
 
 
 def percentiles(call, runs: int, warmup: int = 5) -> dict[str, float]:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return {
-        "p50_ms": 1e3 * float(np.percentile(times, 50)),
-        "p90_ms": 1e3 * float(np.percentile(times, 90)),
-    }
+    times = time_calls(call, runs, warmup)
+    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
 def main() -> None:
