@@ -86,7 +86,7 @@ def render_html(
         "<h1>instaflow-edge validation report</h1>",
         f'<p class="{_e(status)}">{_e(report["summary"])}</p>',
         _table(
-            ["", ""],
+            None,
             [
                 ["bundle", bundle["path"]],
                 ["target / precision / quantization", _target(bundle)],
@@ -113,15 +113,23 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(cell)}</th>" for cell in header)
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    """A table; header None makes a key-value table with the keys as row headers."""
+    head = "".join(f"<th>{_e(cell)}</th>" for cell in header or [])
     body = "".join(
         "<tr>"
-        + "".join(cell if _is_html(cell) else f"<td>{_e(cell)}</td>" for cell in row)
+        + "".join(
+            cell
+            if _is_html(cell)
+            else (
+                f"<th>{_e(cell)}</th>" if header is None and column == 0 else f"<td>{_e(cell)}</td>"
+            )
+            for column, cell in enumerate(row)
+        )
         + "</tr>"
         for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
 
 class _Html(str):
@@ -300,4 +308,4 @@ def _environment(environment: dict) -> str:
     for key in ("threads", "library_versions"):
         for name, value in environment.get(key, {}).items():
             rows.append([f"{key}: {name}", _fmt(value)])
-    return _table(["", ""], rows)
+    return _table(None, rows)

@@ -178,6 +178,12 @@ def test_html_report_is_self_contained(passed):
     assert "<svg" in html and "end_to_end" in html and "unet" in html
 
 
+def test_html_key_value_tables_have_no_empty_header_row(passed):
+    html = passed[2]
+    assert "<th></th>" not in html
+    assert "<tr><th>bundle</th><td>" in html
+
+
 def test_default_gates_follow_the_bundle_kind(pipeline, tmp_path):
     cases = {("fp32", None): "fp32", ("fp16", None): "fp16", ("fp32", "int8-static"): "quantized"}
     for index, ((precision, quantization), basis) in enumerate(cases.items()):
