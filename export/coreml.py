@@ -37,6 +37,13 @@ from instaflow_edge.export.base import (
     staged_bundle,
     write_bundle_manifest,
 )
+from instaflow_edge.export.parity import (
+    GATES_DB,
+    json_safe,
+    session_io,
+    session_parity,
+    warn_below_gates,
+)
 from instaflow_edge.fused import OneStepGenerator, component_modules
 from instaflow_edge.manifest import (
     ComponentEntry,
@@ -62,7 +69,6 @@ COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 ATTENTIONS = ("original", "split-einsum")
 MIN_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 METHODS = ("palettize-8", "palettize-6", "palettize-4", "int8-linear", "mixed")
-GATES_DB = {"fp32": 60.0, "fp16": 35.0}  # DESIGN.md section 5, checked at conversion
 CHECK_PROMPT = "a red circle above a blue square"
 MIXED_BITS = (4, 8)  # mixed: the least sensitive layers at 4 bits, the rest at 8
 MIXED_TARGET_PSNR_DB = 40.0  # of the one-step latents (Apple's mixed-bit recipes aim at ~40 dB)
@@ -339,8 +345,10 @@ class CoreMLExporter(Exporter):
             raise UserError(f"bundle {bundle} is already quantized ({source.quantization})")
         if method == "mixed" and calibration is None:
             raise UserError("--method mixed needs a calibration set (--calibration SET)")
+        from instaflow_edge.runtimes.coreml import CoreMLRuntime
         from instaflow_edge.runtimes.mil_interpreter import load_program
 
+        reference = session_io(CoreMLRuntime().load(Path(bundle)))
         record: dict[str, Any] = {"method": method, "components": {}}
         with staged_bundle(Path(out_dir), options.get("overwrite", False)) as staging:
             copy_assets(Path(bundle), staging, source)
@@ -382,12 +390,14 @@ class CoreMLExporter(Exporter):
                     for name, entry in source.components.items()
                 },
                 assets=hash_files(staging, list(source.assets)),
-                details={
-                    **source.details,
-                    "quantization": record,
-                    "parity": {"skipped": "compression changes the weights: run validate on it"},
-                },
+                details={**source.details, "quantization": record},
             )
+            write_manifest(staging, manifest)
+            # checked against the source bundle on the same runtime (the MIL interpreter off macOS)
+            session = CoreMLRuntime().load(staging)
+            parity = session_parity(self.target, session, reference, "source bundle")
+            warn_below_gates(parity, None)
+            manifest.details["parity"] = json_safe(parity)
             write_manifest(staging, manifest)
         logger.info(
             "coreml %s: %.2f MiB -> %.2f MiB (%.2fx smaller)",

@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import shutil
 import tempfile
 import warnings
@@ -31,12 +30,19 @@ from instaflow_edge.export.base import (
     staged_bundle,
     write_bundle_manifest,
 )
+from instaflow_edge.export.parity import (
+    GATES_DB,
+    json_safe,
+    pytorch_io,
+    session_io,
+    session_parity,
+    warn_below_gates,
+)
 from instaflow_edge.flow import ONE_STEP_TIMESTEP
 from instaflow_edge.manifest import ComponentEntry, Manifest, hash_files, write_manifest
-from instaflow_edge.metrics import image_psnr, ssim, tensor_metrics
 from instaflow_edge.pipeline import OneStepPipeline
-from instaflow_edge.runtimes.base import RuntimeUnavailable, images_to_uint8
-from instaflow_edge.runtimes.onnxruntime import OnnxRuntime, OnnxSession
+from instaflow_edge.runtimes.base import RuntimeUnavailable
+from instaflow_edge.runtimes.onnxruntime import OnnxRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +51,6 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"  # optimum's name for the weights of a graph over 2 GB
 PROTOBUF_LIMIT = 2**31 - 1
 FP16_MAX = 65504.0
-# the fixed inputs of every parity check: one prompt, one noise seed (batch 1; exports use batch 2)
-PARITY_PROMPT = "a red circle above a blue square"
-PARITY_SEED = 0
-GATES_DB = {"fp32": 60.0, "fp16": 35.0, "quantized_image": 25.0}
-QUANTIZED_UNET_COSINE = 0.95
 # ONNX Runtime transformer-optimizer model type per component
 OPTIMIZER_MODEL_TYPES = {
     "text_encoder": "clip",
@@ -204,28 +205,6 @@ class OnnxExporter(Exporter):
 
 
 # -- fixed inputs and their reference outputs ---------------------------------------------------
-def pytorch_io(pipeline: OneStepPipeline) -> dict[str, dict[str, np.ndarray]]:
-    """Every component's (and the generator's) inputs and outputs, from PyTorch, on fixed inputs."""
-    input_ids = pipeline.tokenize([PARITY_PROMPT])
-    noise = pipeline.make_noise([PARITY_SEED])
-    io = pipeline.component_io(input_ids, noise)
-    return with_generator(io)
-
-
-def session_io(session: OnnxSession) -> dict[str, dict[str, np.ndarray]]:
-    """The same fixed inputs run through a bundle (the reference of a quantization; no torch)."""
-    input_ids = session.tokenize([PARITY_PROMPT])
-    rng = np.random.default_rng(PARITY_SEED)
-    noise = rng.standard_normal((1, *session.recipe.latent_shape), dtype=np.float32)
-    return with_generator(session.component_io(input_ids, noise))
-
-
-def with_generator(io: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-    image = images_to_uint8(io["vae_decoder"]["sample"])
-    generator = {"input_ids": io["text_encoder"]["input_ids"], "noise": io["unet"]["sample"]}
-    return {**io, "generator": {**generator, "image": image}}
-
-
 def example_inputs(spec: ComponentSpec, pipeline: OneStepPipeline, batch: int = 2) -> tuple:
     """Inputs to trace with: batch 2 (a batch-1 example fixes the VAE decoder's batch axis)."""
     import torch
@@ -552,69 +531,6 @@ def check_bundle(
     except RuntimeUnavailable as error:
         logger.warning("parity not checked here: %s", error)
         return {"skipped": str(error)}
-    results: dict[str, Any] = {"against": against, "executed_on": session.executed_on}
-    for name, spec in session.specs.items():
-        feeds = {t.name: reference[name][t.name] for t in spec.inputs}
-        output = spec.outputs[0].name
-        produced = session.run(name, feeds)[output]
-        if spec.outputs[0].dtype == "uint8":
-            metrics = _image_metrics(reference[name][output], produced)
-            line = f"image PSNR {metrics['image_psnr_db']:.1f} dB"
-        else:
-            metrics = tensor_metrics(reference[name][output], produced)
-            line = f"tensor PSNR {metrics['psnr_db']:.1f} dB"
-        results[name] = metrics
-        logger.info("onnx %s vs %s: max-abs %.3g, %s", name, against, metrics["max_abs"], line)
-    ids, noise = reference["generator"]["input_ids"], reference["generator"]["noise"]
-    images = session.generate(ids, noise)  # the three graphs
-    results["end_to_end"] = _image_metrics(reference["generator"]["image"], images)
-    logger.info(
-        "onnx end to end vs %s: image PSNR %.1f dB, SSIM %.4f",
-        against,
-        results["end_to_end"]["image_psnr_db"],
-        results["end_to_end"]["ssim"],
-    )
-    if "generator" in session.specs:
-        fused = session.run("generator", {"input_ids": ids, "noise": noise})["image"]
-        psnr = image_psnr(images, fused)
-        results["generator"]["vs_three_graphs_image_psnr_db"] = psnr
-        logger.info("onnx generator vs the three graphs: image PSNR %.1f dB", psnr)
-    _warn_below_gates(results, gate_db)
-    return _json_safe(results)
-
-
-def _json_safe(value):
-    """Infinite PSNR (identical outputs) as null, so that the manifest stays strict JSON."""
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _image_metrics(reference: np.ndarray, produced: np.ndarray) -> dict[str, float]:
-    diff = np.abs(reference.astype(np.int16) - produced.astype(np.int16))
-    return {
-        "max_abs": float(diff.max()),
-        "image_psnr_db": image_psnr(reference, produced),
-        "ssim": ssim(reference, produced),
-    }
-
-
-def _warn_below_gates(results: dict[str, Any], gate_db: float | None) -> None:
-    for name, metrics in results.items():
-        if not isinstance(metrics, dict):
-            continue
-        if "psnr_db" in metrics and not metrics["finite"]:
-            logger.warning("%s: output holds NaN or Inf", name)
-        elif gate_db is not None and metrics.get("psnr_db", np.inf) < gate_db:
-            logger.warning(
-                "%s: tensor PSNR %.1f dB is below %.0f dB", name, metrics["psnr_db"], gate_db
-            )
-    if gate_db is None:
-        image = results["end_to_end"]["image_psnr_db"]
-        if image < GATES_DB["quantized_image"]:
-            logger.warning("end-to-end image PSNR %.1f dB is below 25 dB", image)
-        cosine = results["unet"]["cosine"]
-        if cosine < QUANTIZED_UNET_COSINE:
-            logger.warning("unet cosine %.3f is below %.2f", cosine, QUANTIZED_UNET_COSINE)
+    parity = session_parity("onnx", session, reference, against)
+    warn_below_gates(parity, gate_db)
+    return json_safe(parity)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,18 @@ from instaflow_edge.export.base import (
     staged_bundle,
     write_bundle_manifest,
 )
+from instaflow_edge.export.parity import (
+    compare,
+    end_to_end_parity,
+    json_safe,
+    pytorch_io,
+    session_io,
+    session_parity,
+)
 from instaflow_edge.fused import component_modules
 from instaflow_edge.manifest import ComponentEntry, Manifest, verify_bundle, write_manifest
-from instaflow_edge.metrics import image_psnr, ssim, tensor_metrics
 from instaflow_edge.pipeline import OneStepPipeline
-from instaflow_edge.runtimes.base import Session, images_to_uint8
+from instaflow_edge.runtimes.base import Session
 from instaflow_edge.runtimes.openvino import OpenVinoRuntime
 
 logger = logging.getLogger(__name__)
@@ -51,7 +57,6 @@ METHODS = ("int8-weights", "int4-weights", "hybrid", "int8-full")
 CALIBRATED_METHODS = ("hybrid", "int8-full")
 # The CPU here executes in bf16 unless told otherwise (47 dB instead of 130): parity needs f32.
 PARITY_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
-CHECK_PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
 
 class OpenVinoExporter(Exporter):
@@ -74,7 +79,7 @@ class OpenVinoExporter(Exporter):
         dynamic = bool(options.get("dynamic_batch", False))
         fused = bool(options.get("fused", False))
         batch = 2 if dynamic else 1  # a dynamic-batch export is checked at batch 2
-        reference = _reference_io(pipeline, batch)
+        reference = pytorch_io(pipeline, batch)
         specs = component_specs(pipeline.shapes)
         specs["generator"] = generator_spec(pipeline.shapes)
         modules = component_modules(pipeline, fused=fused)
@@ -94,8 +99,8 @@ class OpenVinoExporter(Exporter):
                 staging, pipeline, TARGET, precision, components, assets
             )
             session = OpenVinoRuntime().load(staging, "CPU", fused=False)
-            end_to_end_parity(session, reference, parity)
-            manifest.details = {"dynamic_batch": dynamic, "parity": _json_safe(parity)}
+            end_to_end_parity(TARGET, session, reference, parity)
+            manifest.details = {"dynamic_batch": dynamic, "parity": json_safe(parity)}
             write_manifest(staging, manifest)
         return Path(out_dir)
 
@@ -120,7 +125,7 @@ class OpenVinoExporter(Exporter):
             raise UserError(f"bundle {bundle} is already quantized ({source.quantization})")
         samples = _calibration(calibration, source) if method in CALIBRATED_METHODS else None
         # the source bundle's own outputs are what the quantized one is checked against
-        reference = _session_io(OpenVinoRuntime().load(bundle, "CPU"), CHECK_PROMPTS[:1])
+        reference = session_io(OpenVinoRuntime().load(bundle, "CPU"))
         core = ov.Core()
         with staged_bundle(Path(out_dir), overwrite=bool(options.get("overwrite"))) as staging:
             copy_assets(bundle, staging, source)
@@ -148,7 +153,8 @@ class OpenVinoExporter(Exporter):
             )
             write_manifest(staging, manifest)
             session = OpenVinoRuntime().load(staging, "CPU", fused=False)
-            details["parity"] = _json_safe(session_parity(session, reference, "fp32 bundle"))
+            parity = session_parity(TARGET, session, reference, "fp32 bundle", _executed(session))
+            details["parity"] = json_safe(parity)
             write_manifest(staging, manifest)
         logger.info("quantized %s with %s into %s", bundle, method, out_dir)
         return Path(out_dir)
@@ -203,87 +209,11 @@ def check_component(
     """Run a just-saved IR on the CPU at f32 and compare its output with PyTorch; log the numbers."""
     compiled = ov.Core().compile_model(path, "CPU", PARITY_CONFIG)
     output = compiled.outputs[0].get_any_name()
-    return _compare(name, expected[output], compiled(feeds)[0], "PyTorch fp32")
-
-
-def session_parity(
-    session: Session, reference: dict[str, dict[str, np.ndarray]], against: str
-) -> dict[str, Any]:
-    """Every component of a loaded bundle on the reference inputs, then end to end."""
-    parity: dict[str, Any] = {"against": against, "executed_on": _executed(session)}
-    for name, spec in session.specs.items():
-        feeds = {t.name: reference[name][t.name] for t in spec.inputs}
-        output = spec.outputs[0].name
-        got = session.run(name, feeds)[output]
-        parity[name] = _compare(name, reference[name][output], got, against)
-    return end_to_end_parity(session, reference, parity)
-
-
-def end_to_end_parity(
-    session: Session, reference: dict[str, dict[str, np.ndarray]], parity: dict[str, Any]
-) -> dict[str, Any]:
-    """Add the three graphs end to end against the reference image (and the fused graph vs them)."""
-    ids, noise = reference["generator"]["input_ids"], reference["generator"]["noise"]
-    images = session.generate(ids, noise)
-    parity["end_to_end"] = _image_metrics(reference["generator"]["image"], images)
-    logger.info("openvino end to end: image PSNR %.1f dB", parity["end_to_end"]["image_psnr_db"])
-    if "generator" in session.specs:
-        fused = session.run("generator", {"input_ids": ids, "noise": noise})["image"]
-        parity["generator"]["vs_three_graphs_image_psnr_db"] = image_psnr(images, fused)
-    return parity
-
-
-def _compare(name: str, expected: np.ndarray, got: np.ndarray, against: str) -> dict[str, Any]:
-    if got.dtype == np.uint8:
-        metrics = _image_metrics(expected, got)
-        line = f"image PSNR {metrics['image_psnr_db']:.1f} dB"
-    else:
-        metrics = tensor_metrics(expected, got)
-        line = f"tensor PSNR {metrics['psnr_db']:.1f} dB"
-    logger.info("openvino %s vs %s: max-abs %.3g, %s", name, against, metrics["max_abs"], line)
-    return metrics
-
-
-def _image_metrics(expected: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    diff = np.abs(expected.astype(np.int16) - got.astype(np.int16))
-    return {
-        "max_abs": float(diff.max()),
-        "image_psnr_db": image_psnr(expected, got),
-        "ssim": ssim(expected, got),
-    }
+    return compare(TARGET, name, expected[output], compiled(feeds)[0], "PyTorch fp32")
 
 
 def _executed(session: Session) -> str:
     return f"{session.executed_on} ({session.inference_precision})"
-
-
-def _json_safe(value: Any) -> Any:
-    """Infinite PSNR (identical outputs) as null, so that the manifest stays strict JSON."""
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _session_io(session: Session, prompts: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """A bundle session's own inputs and outputs of every component, with the generator's."""
-    noise = np.random.default_rng(0).standard_normal(
-        (len(prompts), *session.recipe.latent_shape), dtype=np.float32
-    )
-    return _with_generator(session.component_io(session.tokenize(prompts), noise))
-
-
-def _with_generator(io: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-    image = images_to_uint8(io["vae_decoder"]["sample"])
-    generator = {"input_ids": io["text_encoder"]["input_ids"], "noise": io["unet"]["sample"]}
-    return {**io, "generator": {**generator, "image": image}}
-
-
-def _reference_io(pipeline: OneStepPipeline, batch: int) -> dict[str, dict[str, np.ndarray]]:
-    """PyTorch's inputs and outputs of every component (and the generator) on fixed inputs."""
-    input_ids = pipeline.tokenize(CHECK_PROMPTS[:batch])
-    return _with_generator(pipeline.component_io(input_ids, pipeline.make_noise(range(batch))))
 
 
 def _batched(spec: ComponentSpec, batch: int | None) -> ComponentSpec:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest, SamplingRecipe, verify_bundle
 
@@ -79,7 +80,13 @@ class BundleSession(Session):
 
     fused: bool = False
 
-    def attach_tokenizer(self, bundle: Path, manifest: Manifest) -> None:
+    def attach_bundle(self, bundle: Path, manifest: Manifest) -> None:
+        """Keep the manifest, its sampling recipe and component specs; load the tokenizer."""
+        self.manifest = manifest
+        self.recipe = manifest.sampling
+        self.specs: dict[str, ComponentSpec] = {
+            name: entry.spec for name, entry in manifest.components.items()
+        }
         length = int(manifest.components["text_encoder"].spec.inputs[0].shape[-1])
         self.tokenizer = load_bundle_tokenizer(bundle, length)
 

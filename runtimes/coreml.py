@@ -77,13 +77,12 @@ class CoreMLSession(BundleSession):
     runtime = "coreml"
 
     def __init__(self, bundle: Path, manifest: Manifest, compute_units: str, device: bool):
-        self.recipe = manifest.sampling
+        self.attach_bundle(bundle, manifest)
         self.components = {
             name: _Predictor(bundle / entry.file, compute_units, device)
             for name, entry in manifest.components.items()
         }
         self.executed_on = next(iter(self.components.values())).executed_on
-        self.attach_tokenizer(bundle, manifest)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Core ML models here take batch 1: a batch runs one sample at a time, then stacks."""

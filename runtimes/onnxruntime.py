@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
 from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeUnavailable, Session
@@ -59,11 +58,7 @@ class OnnxSession(BundleSession):
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
-        self.manifest = manifest
-        self.recipe = manifest.sampling
-        self.specs: dict[str, ComponentSpec] = {
-            name: entry.spec for name, entry in manifest.components.items()
-        }
+        self.attach_bundle(bundle, manifest)
         self.sessions = {
             name: ort.InferenceSession(str(bundle / entry.file), options, providers=providers)
             for name, entry in manifest.components.items()
@@ -73,7 +68,6 @@ class OnnxSession(BundleSession):
         if providers[0] == CUDA and self.executed_on != CUDA:
             logger.warning("CUDA was asked for but the CUDA provider did not load: running on CPU")
         self.fused = fused and "generator" in self.sessions
-        self.attach_tokenizer(bundle, manifest)
 
     @property
     def _device(self) -> str:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
 from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeUnavailable, Session
@@ -86,11 +85,7 @@ class OpenVinoSession(BundleSession):
     ):
         ov = _openvino()
         core = ov.Core()
-        self.manifest = manifest
-        self.recipe = manifest.sampling
-        self.specs: dict[str, ComponentSpec] = {
-            name: entry.spec for name, entry in manifest.components.items()
-        }
+        self.attach_bundle(bundle, manifest)
         self.compiled = {
             name: core.compile_model(str(bundle / entry.file), device, config)
             for name, entry in manifest.components.items()
@@ -112,7 +107,6 @@ class OpenVinoSession(BundleSession):
             threads if threads is not None else config.get("INFERENCE_NUM_THREADS", 0)
         )
         self.fused = fused and "generator" in self.compiled
-        self.attach_tokenizer(bundle, manifest)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a component; a static batch-1 graph fed a larger batch runs one sample at a time."""

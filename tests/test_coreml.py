@@ -104,10 +104,15 @@ def test_interpreter_detects_a_misconverted_weight(fp32_bundle, reference):
 def test_compressed_bundle_sizes_and_image_psnr(method, fp16_bundle, reference, tmp_path):
     ids, noise, _, image = reference
     out = get_exporter("coreml").quantize(fp16_bundle, tmp_path / method, method)
-    record = read_manifest(out).details["quantization"]
+    details = read_manifest(out).details
+    record, parity = details["quantization"], details["parity"]
     psnr = image_psnr(image, load_session(out).generate(ids, noise))
     print(f"coreml {method}: size ratio {record['size_ratio']:.2f}x, image PSNR {psnr:.1f} dB")
     assert record["size_ratio"] > 1.5
+    # parity against the source bundle is measured as the compressed bundle is written
+    assert parity["against"] == "source bundle"
+    assert set(parity) >= {"text_encoder", "unet", "vae_decoder", "end_to_end"}
+    assert parity["unet"]["psnr_db"] < 200  # the weights did change
     if method == "palettize-8":
         assert psnr >= 30
 
