@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -71,7 +72,10 @@ def test_generate_many_prompts_numbers_the_files(tmp_path):
         "generate", "-p", "two blue squares", "--seed", "1", "--out", str(tmp_path / "one.png")
     )
     assert alone.returncode == 0
-    assert (tmp_path / "one.png").read_bytes() == (tmp_path / "x-001.png").read_bytes()
+    # the same prompt and seed alone or in a batch: batched kernels may move a pixel by one level
+    single = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    batched = np.asarray(Image.open(tmp_path / "x-001.png"), dtype=np.int16)
+    assert np.abs(single - batched).max() <= 1
 
 
 def test_generate_on_missing_cuda_falls_back_and_says_so(tmp_path):
