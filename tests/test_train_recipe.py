@@ -63,6 +63,15 @@ def test_pairs_are_complete_and_the_table_has_every_model(recipe):
     assert "| (d) 2-RF distilled |" in (workdir / "eval" / "table.md").read_text()
 
 
+def test_the_recipe_records_the_wall_time_of_every_stage(recipe):
+    workdir, summary = recipe
+    stages = ["vae", "flow", "pairs_1rf", "reflow", "pairs_2rf", "distill_1rf", "distill_2rf"]
+    assert list(summary["seconds"]) == [*stages, "eval"]
+    assert all(seconds > 0 for seconds in summary["seconds"].values())
+    assert json.loads((workdir / "timings.json").read_text()) == summary["seconds"]
+    assert summary["prompts"] == SCALES["ci"]["eval"]["eval_prompts"]
+
+
 def test_the_recipe_refuses_a_used_workdir_without_resume(recipe):
     workdir, _ = recipe
     with pytest.raises(UserError, match="--resume"):
