@@ -149,6 +149,17 @@ def _layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     return out
 
 
+def _batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
+    """Per-channel (axis 1) normalisation with given statistics; MIL's batch_norm."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    out = (x - mean.reshape(shape)) / np.sqrt(variance.reshape(shape) + np.float32(epsilon))
+    if gamma is not None:
+        out = out * gamma.reshape(shape)
+    if beta is not None:
+        out = out + beta.reshape(shape)
+    return out
+
+
 def _softmax(x, axis=-1):
     shifted = x - x.max(axis=int(axis), keepdims=True)
     exp = np.exp(shifted)
@@ -326,6 +337,7 @@ OPS: dict[str, Callable] = {
     "fill_like": lambda ref_tensor, value=0.0: np.full(ref_tensor.shape, value, COMPUTE),
     "softmax": _softmax,
     "layer_norm": _layer_norm,
+    "batch_norm": _batch_norm,
     "reduce_mean": _reduce(np.mean),
     "reduce_sum": _reduce(np.sum),
     "reduce_max": _reduce(np.max),

@@ -22,6 +22,11 @@ X = RNG.standard_normal(SHAPE).astype(np.float32)
 W_CONV = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32)
 W_LIN = RNG.standard_normal((5, 8)).astype(np.float32)
 B_LIN = RNG.standard_normal(5).astype(np.float32)
+BN_MEAN, BN_VAR = RNG.standard_normal(4).astype(np.float32), RNG.random(4).astype(np.float32) + 0.5
+BN_GAMMA, BN_BETA = (
+    RNG.standard_normal(4).astype(np.float32),
+    RNG.standard_normal(4).astype(np.float32),
+)
 IDS = np.array([[3, 1, 0, 2]], dtype=np.int32)
 T = torch.from_numpy(X)
 
@@ -51,6 +56,14 @@ CASES = {
     "layer_norm": (
         lambda x: mb.layer_norm(x=x, axes=[-1], epsilon=1e-5),
         lambda t: F.layer_norm(t, (8,), eps=1e-5),
+    ),
+    "batch_norm": (
+        lambda x: mb.batch_norm(
+            x=x, mean=BN_MEAN, variance=BN_VAR, gamma=BN_GAMMA, beta=BN_BETA, epsilon=1e-5
+        ),
+        lambda t: F.batch_norm(
+            t, *(torch.from_numpy(a) for a in (BN_MEAN, BN_VAR, BN_GAMMA, BN_BETA)), eps=1e-5
+        ),
     ),
     "reduce_mean": (
         lambda x: mb.reduce_mean(x=x, axes=[2, 3], keep_dims=True),

@@ -262,7 +262,9 @@ def test_onnx_bundle_validates_and_a_damaged_unet_fails(onnx_bundle, tmp_path):
 
     path = bundle / "unet" / "model.onnx"
     model = onnx.load(str(path))
-    weight = max(model.graph.initializer, key=lambda tensor: np.prod(tensor.dims))
+    # the weight of the last Conv, the UNet's output layer
+    last_conv = [node for node in model.graph.node if node.op_type == "Conv"][-1]
+    weight = next(t for t in model.graph.initializer if t.name == last_conv.input[1])
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
     onnx.save(model, str(path))
     manifest = read_manifest(bundle)
