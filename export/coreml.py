@@ -39,7 +39,9 @@ from instaflow_edge.export.base import (
 )
 from instaflow_edge.export.parity import (
     GATES_DB,
+    end_to_end_parity,
     json_safe,
+    pytorch_io,
     session_io,
     session_parity,
     warn_below_gates,
@@ -313,7 +315,7 @@ class CoreMLExporter(Exporter):
                 "coreml": {**settings, "converter": "torch.jit.trace", "timestep": "input"},
                 "parity": parity,
             }
-            write_bundle_manifest(
+            manifest = write_bundle_manifest(
                 staging,
                 pipeline,
                 self.target,
@@ -322,6 +324,12 @@ class CoreMLExporter(Exporter):
                 [*assets, *APPLE_TOKENIZER_FILES],
                 details=details,
             )
+            from instaflow_edge.runtimes.coreml import CoreMLRuntime
+
+            session = CoreMLRuntime().load(staging)
+            end_to_end_parity(self.target, session, pytorch_io(pipeline), parity)
+            details["parity"] = json_safe(parity)
+            write_manifest(staging, manifest)
         return Path(out_dir)
 
     def quantize(

@@ -61,7 +61,14 @@ def test_bundle_uses_apple_resource_names(fp32_bundle):
     assert {"vocab.json", "merges.txt", "OneStepGenerator.mlpackage"} <= names
     manifest = read_manifest(fp32_bundle)
     assert manifest.details["coreml"]["compute_units"] == "ALL"
-    assert manifest.details["parity"]["executed_on"].startswith(("MIL interpreter", "Core ML"))
+    parity = manifest.details["parity"]
+    assert parity["executed_on"].startswith(("MIL interpreter", "Core ML"))
+    # the export also checked the whole one-step recipe, and the fused package against it
+    end_to_end = parity["end_to_end"]["image_psnr_db"]
+    assert end_to_end is None or end_to_end >= 40
+    assert parity["generator"]["vs_three_graphs_image_psnr_db"] is None or (
+        parity["generator"]["vs_three_graphs_image_psnr_db"] >= 40
+    )
 
 
 def test_fp32_matches_pytorch_at_60db_per_component(fp32_bundle, reference):
