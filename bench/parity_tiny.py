@@ -53,6 +53,8 @@ def row(bundle: Path) -> dict:
     }
     for name in COMPONENTS:
         result[f"{name}_psnr_db"] = parity[name]["psnr_db"]
+    if "quantization" in manifest.details:  # Core ML compression records its size ratio
+        result["size_ratio"] = manifest.details["quantization"]["size_ratio"]
     if "generator" in parity:
         result["fused_vs_three_graphs_db"] = parity["generator"]["vs_three_graphs_image_psnr_db"]
     return result
