@@ -3,23 +3,32 @@
 Run from the repository root after the recipe: `python scripts/make_embedded_default.py
 [--workdir runs/synthetic]`. The weights are copied from WORKDIR/distill_2rf/model; the tokenizer
 is rebuilt by the project's deterministic builder (the recipe trained with that same tokenizer);
-the card records the recipe's settings, seed and the measured table from WORKDIR/summary.json.
+the card records the recipe's settings, seed and the measured table from WORKDIR/summary.json;
+docs/embedded_default_one_step.png shows the model's one-step images under rendered references.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from instaflow_edge.models import EMBEDDED_MODEL_DIR, LoadedModel, load_model
 from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.presets import TINY, count_parameters
+from instaflow_edge.synthetic.captions import parse_caption
+from instaflow_edge.synthetic.checker import check_image
+from instaflow_edge.synthetic.render import render
 from instaflow_edge.tokenizer import build_tokenizer
-from instaflow_edge.train.evaluate import markdown_table
+from instaflow_edge.train.evaluate import held_out_prompts, markdown_table
 from instaflow_edge.train.recipe import SCALES
 
+SAMPLES = Path(__file__).resolve().parents[1] / "docs" / "embedded_default_one_step.png"
 CHOSEN = "(d) 2-RF distilled"
 TEACHER = "1-RF teacher"
 CEILING = "VAE round trip of rendered images"
@@ -64,6 +73,23 @@ def _settings(scale: str) -> str:
     return "\n".join(lines)
 
 
+def write_samples(pipe: OneStepPipeline, path: Path, count: int = 8) -> int:
+    """Rendered references (top row) over the model's one-step images, seeds 0.. (bottom row),
+    for the first `count` distinct held-out prompts; returns how many pass the checker."""
+    prompts = list(dict.fromkeys(held_out_prompts(64, seed=0)))[:count]
+    images = pipe(prompts, seed=0, output_type="np")
+    rng = random.Random(0)
+    top = np.concatenate([render(parse_caption(prompt), rng) for prompt in prompts], 1)
+    gap = np.full((4, top.shape[1], 3), 255, np.uint8)
+    grid = np.concatenate([top, gap, np.concatenate(list(images), 1)], 0)
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    verdicts = [
+        check_image(image, parse_caption(p)) for p, image in zip(prompts, images, strict=True)
+    ]
+    return sum(all(verdict.values()) for verdict in verdicts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/synthetic"))
@@ -103,6 +129,8 @@ def main() -> None:
     )
     (EMBEDDED_MODEL_DIR / "README.md").write_text(card)
     print(f"wrote {EMBEDDED_MODEL_DIR} from {args.workdir / 'distill_2rf' / 'model'}")
+    passed = write_samples(pipe, SAMPLES)
+    print(f"wrote {SAMPLES}: {passed} of 8 one-step images pass the checker")
 
 
 if __name__ == "__main__":
