@@ -34,12 +34,13 @@ def size_mib(path: Path) -> float:
 def stage_convert(package: Path) -> dict:
     from instaflow_edge.components import component_specs
     from instaflow_edge.export.coreml import batch_one, check_examples, convert, resolve_settings
+    from instaflow_edge.export.parity import pytorch_io
     from instaflow_edge.fused import component_modules
     from instaflow_edge.pipeline import OneStepPipeline
 
     pipeline = OneStepPipeline.from_pretrained("sd15")
     spec = batch_one(component_specs(pipeline.shapes)["unet"])
-    feeds = check_examples(pipeline)["unet"]
+    feeds = check_examples(pytorch_io(pipeline))["unet"]
     module = component_modules(pipeline)["unet"]
     start = time.perf_counter()
     model = convert(module, spec, feeds, "fp16", resolve_settings({}))

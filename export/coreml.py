@@ -39,6 +39,7 @@ from instaflow_edge.export.base import (
 )
 from instaflow_edge.export.parity import (
     GATES_DB,
+    IO,
     end_to_end_parity,
     json_safe,
     pytorch_io,
@@ -71,7 +72,6 @@ COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 ATTENTIONS = ("original", "split-einsum")
 MIN_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 METHODS = ("palettize-8", "palettize-6", "palettize-4", "int8-linear", "mixed")
-CHECK_PROMPT = "a red circle above a blue square"
 MIXED_BITS = (4, 8)  # mixed: the least sensitive layers at 4 bits, the rest at 8
 MIXED_TARGET_PSNR_DB = 40.0  # of the one-step latents (Apple's mixed-bit recipes aim at ~40 dB)
 MIXED_SAMPLES = 4  # calibration samples measured per candidate
@@ -211,14 +211,15 @@ def convert(
     )
 
 
-def check_examples(pipeline: OneStepPipeline) -> dict[str, dict[str, np.ndarray]]:
-    """Fixed inputs of every component (one prompt, noise seed 0, t=1000), batch 1, int32 ids."""
-    ids = pipeline.tokenize([CHECK_PROMPT])
-    noise = pipeline.make_noise([0])
-    io = pipeline.component_io(ids, noise)
-    io["text_encoder"]["input_ids"] = io["text_encoder"]["input_ids"].astype(np.int32)
-    io["generator"] = {"input_ids": io["text_encoder"]["input_ids"], "noise": noise.numpy()}
-    return io
+def check_examples(reference: IO) -> IO:
+    """The PyTorch reference's inputs (`pytorch_io`: one prompt, noise seed 0, t=1000, batch 1)
+    as the packages take them: int32 token ids."""
+    ids = reference["text_encoder"]["input_ids"].astype(np.int32)
+    return {
+        **reference,
+        "text_encoder": {**reference["text_encoder"], "input_ids": ids},
+        "generator": {**reference["generator"], "input_ids": ids},
+    }
 
 
 def run_module(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]):
@@ -268,7 +269,8 @@ class CoreMLExporter(Exporter):
         if settings["fused"]:
             modules["generator"] = OneStepGenerator(pipeline).eval()
             specs["generator"] = batch_one(generator_spec(pipeline.shapes))
-        examples = check_examples(pipeline)
+        reference = pytorch_io(pipeline)
+        examples = check_examples(reference)
         gate = GATES_DB[precision]
         parity: dict[str, Any] = {"against": "PyTorch"}
         with staged_bundle(Path(out_dir), bool(options.get("overwrite"))) as staging:
@@ -327,7 +329,7 @@ class CoreMLExporter(Exporter):
             from instaflow_edge.runtimes.coreml import CoreMLRuntime
 
             session = CoreMLRuntime().load(staging)
-            end_to_end_parity(self.target, session, pytorch_io(pipeline), parity)
+            end_to_end_parity(self.target, session, reference, parity)
             details["parity"] = json_safe(parity)
             write_manifest(staging, manifest)
         return Path(out_dir)
