@@ -16,6 +16,7 @@ import itertools
 import logging
 import platform
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -138,6 +139,23 @@ def attention_variant(pipeline: OneStepPipeline, attention: str) -> Iterator[Non
     finally:
         for module, processors in saved.items():
             module.set_attn_processor(processors)
+
+
+@contextmanager
+def coremltools_scratch() -> Iterator[None]:
+    """Keep coremltools' temporary packages in a private folder, removed when the block ends.
+
+    coremltools writes every converted or compressed model to a temporary .mlpackage that it
+    deletes only when the process exits; a UNet's is the size of its weights.
+    """
+    previous = tempfile.tempdir
+    folder = tempfile.mkdtemp(prefix="instaflow-edge-coreml-")
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- conversion ---------------------------------------------------------------------------------
@@ -273,7 +291,10 @@ class CoreMLExporter(Exporter):
         examples = check_examples(reference)
         gate = GATES_DB[precision]
         parity: dict[str, Any] = {"against": "PyTorch"}
-        with staged_bundle(Path(out_dir), bool(options.get("overwrite"))) as staging:
+        with (
+            staged_bundle(Path(out_dir), bool(options.get("overwrite"))) as staging,
+            coremltools_scratch(),
+        ):
             for name in tqdm(specs, desc="export coreml", unit="model"):
                 spec, feeds = specs[name], examples[name]
                 with attention_variant(pipeline, settings["attention"]):
@@ -360,7 +381,10 @@ class CoreMLExporter(Exporter):
 
         reference = session_io(CoreMLRuntime().load(Path(bundle)))
         record: dict[str, Any] = {"method": method, "components": {}}
-        with staged_bundle(Path(out_dir), options.get("overwrite", False)) as staging:
+        with (
+            staged_bundle(Path(out_dir), options.get("overwrite", False)) as staging,
+            coremltools_scratch(),
+        ):
             copy_assets(Path(bundle), staging, source)
             for name, entry in tqdm(source.components.items(), desc=f"quantize {method}"):
                 src, dst = Path(bundle) / entry.file, staging / entry.file

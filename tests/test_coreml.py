@@ -4,6 +4,7 @@ interpreter (Linux) or Core ML itself (macOS)."""
 from __future__ import annotations
 
 import platform
+import tempfile
 
 import numpy as np
 import pytest
@@ -123,6 +124,15 @@ def test_compressed_bundle_sizes_and_image_psnr(method, fp16_bundle, reference, 
     assert parity["unet"]["psnr_db"] < 200  # the weights did change
     if method == "palettize-8":
         assert psnr >= 30
+
+
+def test_compression_leaves_no_temporary_packages(fp16_bundle, tmp_path, monkeypatch):
+    scratch = tmp_path / "system-tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    get_exporter("coreml").quantize(fp16_bundle, tmp_path / "p8", "palettize-8")
+    assert list(scratch.iterdir()) == []
+    assert tempfile.gettempdir() == str(scratch)  # restored
 
 
 @pytest.mark.slow
