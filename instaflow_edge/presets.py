@@ -33,7 +33,9 @@ TINY = {
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         layers_per_block=1,
-        attention_head_dim=8,
+        # diffusers' name for the head count: 2 heads, 16 and 32 wide. With 8 heads (4 and 8 wide)
+        # attention took half of a CPU training step; 2 train 2.1x faster, same parameters
+        attention_head_dim=2,
         cross_attention_dim=64,
         norm_num_groups=16,
     ),
