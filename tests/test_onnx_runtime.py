@@ -56,9 +56,12 @@ def test_runtime_runs_a_bundle_with_torch_blocked(onnx_bundle, pipeline, tmp_pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == CPU
-    reference = pipeline(PROMPT, seed=0, output_type="np")
-    for name in ("fused", "three"):
-        np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), reference)
+    reference = pipeline(PROMPT, seed=0, output_type="np").astype(np.int16)
+    fused, three = np.load(tmp_path / "fused.npy"), np.load(tmp_path / "three.npy")
+    np.testing.assert_array_equal(fused, three)
+    # fp32 in another runtime: a pixel may round to the neighbouring 8-bit level, no further
+    difference = np.abs(three.astype(np.int16) - reference)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
 def test_blocker_really_blocks_torch():
@@ -87,7 +90,10 @@ def test_cli_generate_with_a_bundle_matches_the_reference_png(onnx_bundle, tmp_p
     assert from_bundle.returncode == 0, from_bundle.stderr
     assert from_model.returncode == 0, from_model.stderr
     assert f"ran {onnx_bundle} on {CPU}" in from_bundle.stderr
-    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "m.png").read_bytes()
+    from_bundle, from_model = (
+        np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("b.png", "m.png")
+    )
+    assert np.abs(from_bundle - from_model).max() <= 1  # fp32: at most a neighbouring 8-bit level
 
 
 def test_cli_generate_bundle_and_model_are_exclusive(onnx_bundle, tmp_path):
