@@ -90,10 +90,12 @@ def test_cli_generate_with_a_bundle_matches_the_reference_png(onnx_bundle, tmp_p
     assert from_bundle.returncode == 0, from_bundle.stderr
     assert from_model.returncode == 0, from_model.stderr
     assert f"ran {onnx_bundle} on {CPU}" in from_bundle.stderr
-    from_bundle, from_model = (
+    bundle_pixels, model_pixels = (
         np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("b.png", "m.png")
     )
-    assert np.abs(from_bundle - from_model).max() <= 1  # fp32: at most a neighbouring 8-bit level
+    assert (
+        np.abs(bundle_pixels - model_pixels).max() <= 1
+    )  # fp32: a neighbouring 8-bit level at most
 
 
 def test_cli_generate_bundle_and_model_are_exclusive(onnx_bundle, tmp_path):
