@@ -1,7 +1,8 @@
 """InstaFlow in miniature: run `instaflow-edge train --recipe synthetic`, keep its table in bench/results/."""
 
-# Usage: `python bench/synthetic_recipe.py [--workdir runs/synthetic] [--scale full] [--resume]`.
-# The recipe is resumable: after an interruption, run the same command with --resume.
+# Usage: `python bench/synthetic_recipe.py [--workdir runs/synthetic] [--scale full] [--resume]
+# [--seconds-note TEXT]`. The recipe is resumable: after an interruption, run the same command with
+# --resume. A note on how the stages' wall times were taken (e.g. a shared CPU) goes into the JSON.
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> int:
     parser.add_argument("--scale", default="full", choices=("full", "ci"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds-note", default="", help="how the wall times were taken")
     args = parser.parse_args()
     argv = ["train", "--recipe", "synthetic", "--workdir", str(args.workdir)]
     argv += ["--scale", args.scale, "--threads", str(args.threads)]
@@ -41,6 +43,8 @@ def main() -> int:
         "platform": platform.platform(),
         "torch": torch.__version__,
     }
+    if args.seconds_note:
+        summary["seconds_note"] = args.seconds_note
     with atomic_file(RESULTS / f"synthetic_{args.scale}.json") as staging:
         staging.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {RESULTS}/synthetic_{args.scale}.md and .json")

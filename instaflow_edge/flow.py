@@ -34,6 +34,25 @@ def rectified_flow_loss(
     return torch.nn.functional.mse_loss(velocity, data - noise)
 
 
+# Losses a one-step student can be distilled with, on (Z0 + s(Z0), Z1) in latent space.
+DISTILL_LOSSES = ("l2", "pseudo-huber")
+# Pseudo-Huber width, in latent units (latents have unit std): students' errors are ~0.1-0.4 per
+# element, so the loss is close to L1 there and quadratic only near zero.
+PSEUDO_HUBER_C = 0.05
+
+
+def distillation_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over elements of the squared error ("l2") or of sqrt(d^2 + c^2) - c ("pseudo-huber")."""
+    if kind == "l2":
+        return torch.nn.functional.mse_loss(prediction, target)
+    if kind == "pseudo-huber":
+        squared = (prediction - target) ** 2
+        return (torch.sqrt(squared + PSEUDO_HUBER_C**2) - PSEUDO_HUBER_C).mean()
+    raise ValueError(
+        f"unknown distillation loss {kind!r}; choose one of {', '.join(DISTILL_LOSSES)}"
+    )
+
+
 def straightness(trajectory: list[torch.Tensor], times: torch.Tensor) -> torch.Tensor:
     """S = E_t ||(Z1 - Z0) - v(Z_t, t)||^2 along an Euler path, per sample (mean over elements).
 

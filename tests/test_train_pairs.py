@@ -94,6 +94,7 @@ def test_an_epsilon_model_is_a_teacher_through_its_probability_flow_ode(tmp_path
         (["train", "reflow", "--init", "initial", "--out", "x"], ["--pairs"]),
         (["train", "flow", "--out", "x"], ["--init"]),
         (["train", "eval", "--out", "x"], ["--model"]),
+        (["train", "vae", "--out", "x", "--distill-loss", "l1"], ["distill_loss", "pseudo-huber"]),
     ],
 )
 def test_train_mistakes_are_one_line_errors(args, words):

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from instaflow_edge.errors import UserError
-from instaflow_edge.flow import euler_times, interpolate, straightness
+from instaflow_edge.flow import (
+    PSEUDO_HUBER_C,
+    distillation_loss,
+    euler_times,
+    interpolate,
+    straightness,
+)
 from instaflow_edge.train.config import TrainConfig, make_config
 from instaflow_edge.train.distributed import World
 from instaflow_edge.train.loop import fit, read_held_out, read_loss_csv
@@ -27,6 +33,22 @@ def test_straightness_is_zero_on_a_line_and_positive_on_a_bend():
     assert float(straightness(line, times)) == pytest.approx(0.0, abs=1e-12)
     bend = [line[0], torch.tensor([[1.0, 0.0]]), line[2], line[3], line[4]]
     assert float(straightness(bend, times)) > 0.1
+
+
+def test_the_pseudo_huber_distillation_loss_is_l1_like_for_large_errors_and_l2_for_small():
+    target = torch.zeros(4)
+    large, small = torch.full((4,), 1.0), torch.full((4,), PSEUDO_HUBER_C / 10)
+    assert float(distillation_loss(large, target, "l2")) == pytest.approx(1.0)
+    # sqrt(1 + c^2) - c: just above |d| - c, so large errors weigh linearly
+    huber = float(distillation_loss(large, target, "pseudo-huber"))
+    assert 1.0 - PSEUDO_HUBER_C < huber < 1.0 - PSEUDO_HUBER_C / 2
+    # d^2 / (2c) near zero
+    expected = (PSEUDO_HUBER_C / 10) ** 2 / (2 * PSEUDO_HUBER_C)
+    assert float(distillation_loss(small, target, "pseudo-huber")) == pytest.approx(
+        expected, rel=1e-2
+    )
+    with pytest.raises(ValueError, match="pseudo-huber"):
+        distillation_loss(large, target, "l1")
 
 
 def test_config_file_then_flags_override_defaults(tmp_path):

@@ -23,6 +23,7 @@ CONFIG_FLAGS = {
     "shard_size": (int, "pairs per safetensors shard (256)"),
     "sample_steps": (int, "ODE steps of a teacher: Euler, or DPM-Solver for an epsilon model (25)"),
     "guidance": (float, "classifier-free guidance of a teacher, off if <= 1 (1.5)"),
+    "distill_loss": (str, "distill: l2 or pseudo-huber, in latent space (l2)"),
     "eval_prompts": (int, "held-out prompts scored by eval (256)"),
     "threads": (int, "torch CPU threads per process (torch's default)"),
 }

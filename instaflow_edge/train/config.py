@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from instaflow_edge.errors import UserError
+from instaflow_edge.flow import DISTILL_LOSSES
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class TrainConfig:
     shard_size: int = 256  # pairs per safetensors shard
     sample_steps: int = 25  # Euler (or DPM-Solver) steps of a teacher
     guidance: float = 1.5  # classifier-free guidance of a teacher (off if <= 1)
+    distill_loss: str = "l2"  # distill stage: "l2" or "pseudo-huber" (closer to L1), in latents
     eval_prompts: int = 256  # held-out prompts scored by the eval stage
     feature_steps: int = 400  # training steps of the Fréchet feature network
 
@@ -74,6 +76,10 @@ def make_config(
     for key in (*positive, "eval_prompts", "checkpoint_every"):
         if getattr(config, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(config, key)}")
+    if config.distill_loss not in DISTILL_LOSSES:
+        raise UserError(
+            f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {config.distill_loss!r}"
+        )
     if config.lr <= 0:
         raise UserError(f"lr must be positive, got {config.lr}")
     return config

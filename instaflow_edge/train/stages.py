@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from instaflow_edge.errors import UserError
-from instaflow_edge.flow import ONE_STEP_TIMESTEP, interpolate, rectified_flow_loss, unet_timestep
+from instaflow_edge.flow import (
+    ONE_STEP_TIMESTEP,
+    distillation_loss,
+    interpolate,
+    rectified_flow_loss,
+    unet_timestep,
+)
 from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import (
@@ -173,7 +179,8 @@ def train_reflow(
 def train_distill(
     pipe: OneStepPipeline, pairs_dir: Path, out_dir: Path, config: TrainConfig, world: World
 ) -> Path:
-    """One-step student from the teacher's weights: Z0 + s(Z0, 1000 | text) ~ Z1 (L2 in latents).
+    """One-step student from the teacher's weights: Z0 + s(Z0, 1000 | text) ~ Z1, in latents, with
+    config.distill_loss (L2, or pseudo-Huber).
 
     A perceptual (LPIPS) term would need backbone weights that cannot be downloaded here: not used.
     """
@@ -186,7 +193,7 @@ def train_distill(
             states = pipe.text_encoder(batch["input_ids"].to(device))[0]
         timestep = torch.full((len(z0),), ONE_STEP_TIMESTEP, device=device)
         v = pipe.unet(z0, timestep, encoder_hidden_states=states).sample
-        return F.mse_loss(z0 + v, z1)
+        return distillation_loss(z0 + v, z1, config.distill_loss)
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         index = _sample(generator, len(pairs["z0"]), config.batch_size)
