@@ -44,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("stage", nargs="?", choices=STAGES, help="the stage to run")
     parser.add_argument("--recipe", choices=("synthetic",), help="run every stage of a recipe")
     parser.add_argument(
-        "--scale", default="full", choices=("full", "ci"), help="recipe size (full)"
+        "--scale",
+        default="full",
+        choices=("full", "full-16k-huber", "ci"),
+        help="recipe size (full)",
     )
     parser.add_argument(
         "--workdir",
