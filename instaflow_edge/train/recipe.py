@@ -29,34 +29,30 @@ logger = logging.getLogger(__name__)
 TIMINGS = "timings.json"
 
 # Per-stage settings of each scale. "full" is the reproduction: about two hours on 2 CPU threads
-# (measured per stage in WORKDIR/timings.json), half of it the 1-RF teacher, which scored far lower
-# when trained shorter. Its pairs and its 25-step row use guidance 3 (the finished teacher, 64
-# held-out prompts, 16 steps: accuracy 0.34 at guidance 1.5, 0.41 at 3, 0.44 at 5; 5 is untried
+# (measured per stage in WORKDIR/timings.json), 44 min of it the 1-RF teacher, which scored far
+# lower when trained shorter. Its pairs and its 25-step row use guidance 3 (the finished teacher,
+# 64 held-out prompts, 16 steps: accuracy 0.34 at guidance 1.5, 0.41 at 3, 0.44 at 5; 5 is untried
 # for pairs). "full-16k-huber" is "full" with 4x the pairs, twice the distillation steps and the
 # pseudo-Huber loss, because the students overfit 4096 pairs (2-RF's: train loss 0.03, held-out
-# 0.15): both students gained about 0.04 accuracy, in 152 min (README). "ci" is the same recipe at toy sizes, for the test suite: its 1-RF is trained enough
-# to bend its paths, so that reflow and distillation have something to learn; 64 pairs leave 48 to
-# train on and 16 held out.
+# 0.15): both students gained about 0.04 accuracy, in 152 min (README). "ci" is the same recipe at
+# toy sizes, for the test suite: its 1-RF is trained enough to bend its paths, so that reflow and
+# distillation have something to learn; 64 pairs leave 48 to train on and 16 held out.
+_FULL: dict[str, dict] = {
+    "vae": dict(steps=2000, batch_size=16, lr=2e-3, checkpoint_every=250),
+    "flow": dict(steps=8000, batch_size=32, lr=1e-3, num_images=20000, checkpoint_every=500),
+    "pairs_1rf": dict(num_pairs=4096, shard_size=256, sample_steps=16, guidance=3.0),
+    "reflow": dict(steps=1500, batch_size=32, lr=3e-4, checkpoint_every=250),
+    "pairs_2rf": dict(num_pairs=4096, shard_size=256, sample_steps=16, guidance=0.0),
+    "distill": dict(steps=1500, batch_size=32, lr=3e-4, checkpoint_every=250),
+    "eval": dict(eval_prompts=256, feature_steps=200, sample_steps=25, guidance=3.0),
+}
 SCALES: dict[str, dict[str, dict]] = {
-    "full": {
-        "vae": dict(steps=2000, batch_size=16, lr=2e-3, checkpoint_every=250),
-        "flow": dict(steps=8000, batch_size=32, lr=1e-3, num_images=20000, checkpoint_every=500),
-        "pairs_1rf": dict(num_pairs=4096, shard_size=256, sample_steps=16, guidance=3.0),
-        "reflow": dict(steps=1500, batch_size=32, lr=3e-4, checkpoint_every=250),
-        "pairs_2rf": dict(num_pairs=4096, shard_size=256, sample_steps=16, guidance=0.0),
-        "distill": dict(steps=1500, batch_size=32, lr=3e-4, checkpoint_every=250),
-        "eval": dict(eval_prompts=256, feature_steps=200, sample_steps=25, guidance=3.0),
-    },
+    "full": _FULL,
     "full-16k-huber": {
-        "vae": dict(steps=2000, batch_size=16, lr=2e-3, checkpoint_every=250),
-        "flow": dict(steps=8000, batch_size=32, lr=1e-3, num_images=20000, checkpoint_every=500),
-        "pairs_1rf": dict(num_pairs=16384, shard_size=256, sample_steps=16, guidance=3.0),
-        "reflow": dict(steps=1500, batch_size=32, lr=3e-4, checkpoint_every=250),
-        "pairs_2rf": dict(num_pairs=16384, shard_size=256, sample_steps=16, guidance=0.0),
-        "distill": dict(
-            steps=3000, batch_size=32, lr=3e-4, checkpoint_every=250, distill_loss="pseudo-huber"
-        ),
-        "eval": dict(eval_prompts=256, feature_steps=200, sample_steps=25, guidance=3.0),
+        **_FULL,
+        "pairs_1rf": {**_FULL["pairs_1rf"], "num_pairs": 16384},
+        "pairs_2rf": {**_FULL["pairs_2rf"], "num_pairs": 16384},
+        "distill": {**_FULL["distill"], "steps": 3000, "distill_loss": "pseudo-huber"},
     },
     "ci": {
         "vae": dict(steps=10, batch_size=4, lr=1e-3, warmup=1),
