@@ -16,6 +16,7 @@ import torch
 
 from instaflow_edge.atomic import atomic_file
 from instaflow_edge.cli import main as cli_main
+from instaflow_edge.train.recipe import SCALES
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -23,7 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/synthetic"))
-    parser.add_argument("--scale", default="full", choices=("full", "full-16k-huber", "ci"))
+    parser.add_argument("--scale", default="full", choices=tuple(SCALES))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds-note", default="", help="how the wall times were taken")

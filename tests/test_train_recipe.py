@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from instaflow_edge.commands.train import RECIPE_SCALES
 from instaflow_edge.errors import UserError
 from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.train.config import TrainConfig
@@ -77,3 +78,7 @@ def test_the_recipe_refuses_a_used_workdir_without_resume(recipe):
     workdir, _ = recipe
     with pytest.raises(UserError, match="--resume"):
         run_recipe(workdir, "ci", TrainConfig(), resume=False, world=World())
+
+
+def test_the_command_line_offers_exactly_the_recipe_scales():
+    assert RECIPE_SCALES == tuple(SCALES)

@@ -11,6 +11,9 @@ from instaflow_edge.errors import UserError
 logger = logging.getLogger(__name__)
 
 STAGES = ("vae", "flow", "pairs", "reflow", "distill", "eval")
+# the names of train.recipe.SCALES, repeated so that parsing the command line does not load torch
+# (a test keeps them equal)
+RECIPE_SCALES = ("full", "full-16k-huber", "ci")
 # flags that set TrainConfig fields of the same name (dashes for underscores)
 CONFIG_FLAGS = {
     "seed": (int, "random seed (0)"),
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--scale",
         default="full",
-        choices=("full", "full-16k-huber", "ci"),
+        choices=RECIPE_SCALES,
         help="recipe size (full)",
     )
     parser.add_argument(
