@@ -83,10 +83,12 @@ def _regression(seed: int = 0):
     return model, loss_fn, probe
 
 
-def test_an_interrupted_fit_resumes_to_the_same_weights_and_losses(tmp_path):
-    config = TrainConfig(steps=8, checkpoint_every=3, lr=0.05, warmup=1)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_an_interrupted_fit_resumes_to_the_same_weights_and_losses(tmp_path, ema_decay):
+    config = TrainConfig(steps=8, checkpoint_every=3, lr=0.05, warmup=1, ema_decay=ema_decay)
     model, loss_fn, probe = _regression()
     expected = fit({"m": model}, loss_fn, config, tmp_path / "a", World(), "unit", probe)
+    expected_weights = [p.detach().clone() for p in model.parameters()]
 
     model, loss_fn, probe = _regression()
     calls = []
@@ -102,9 +104,42 @@ def test_an_interrupted_fit_resumes_to_the_same_weights_and_losses(tmp_path):
     model, loss_fn, probe = _regression(seed=1)  # a fresh process: weights from the checkpoint
     resumed = fit({"m": model}, loss_fn, config, tmp_path / "b", World(), "unit", probe)
     assert resumed == pytest.approx(expected, rel=1e-6)
+    for weight, expected_weight in zip(model.parameters(), expected_weights, strict=True):
+        torch.testing.assert_close(weight.detach(), expected_weight)
     assert read_loss_csv(tmp_path / "b" / "loss.csv") == pytest.approx(expected, abs=1e-6)
     assert expected[-1] < expected[0]
     # the held-out loss before training survives the interruption, and training lowered it
     held_out = read_held_out(tmp_path / "b")
     assert held_out == pytest.approx(read_held_out(tmp_path / "a"), rel=1e-6)
     assert held_out["after"] < held_out["before"]
+
+
+def test_with_ema_decay_a_stage_ends_with_the_moving_average_of_its_weights(tmp_path):
+    steps, decay = 30, 0.9
+    model, loss_fn, _ = _regression()
+    before_each_step = []
+
+    def recording(generator):
+        before_each_step.append([p.detach().clone() for p in model.parameters()])
+        return loss_fn(generator)
+
+    config = TrainConfig(steps=steps, checkpoint_every=steps, lr=0.05, warmup=1)
+    fit({"m": model}, recording, config, tmp_path / "plain", World(), "unit")
+    after_each_step = before_each_step[1:] + [[p.detach().clone() for p in model.parameters()]]
+    average = [p.clone() for p in _regression()[0].parameters()]
+    for updates, weights in enumerate(after_each_step, start=1):
+        rate = 1.0 - min(decay, (1 + updates) / (10 + updates))
+        average = [a + rate * (w - a) for a, w in zip(average, weights, strict=True)]
+
+    model, loss_fn, _ = _regression()
+    config = TrainConfig(steps=steps, checkpoint_every=steps, lr=0.05, warmup=1, ema_decay=decay)
+    fit({"m": model}, loss_fn, config, tmp_path / "ema", World(), "unit")
+    for weight, expected, last in zip(
+        model.parameters(), average, after_each_step[-1], strict=True
+    ):
+        torch.testing.assert_close(weight.detach(), expected)
+        assert not torch.allclose(weight.detach(), last)  # not the last step's weights
+    with pytest.raises(UserError, match="ema_decay"):
+        make_config(TrainConfig(), None, {"ema_decay": 1.0})
+    with pytest.raises(UserError, match="no moving average"):  # a checkpoint made without one
+        fit({"m": model}, loss_fn, config, tmp_path / "plain", World(), "unit")

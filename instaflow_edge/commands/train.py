@@ -21,6 +21,11 @@ CONFIG_FLAGS = {
     "batch_size": (int, "batch size per process (64)"),
     "lr": (float, "AdamW learning rate (5e-4)"),
     "checkpoint_every": (int, "steps between resumable checkpoints (200)"),
+    "ema_decay": (
+        float,
+        "a stage's model is this moving average of its weights, e.g. 0.999; the decay after n "
+        "steps is at most (1+n)/(10+n), as in diffusers' EMAModel (0: off)",
+    ),
     "num_images": (int, "synthetic training images of the vae and flow stages (20000)"),
     "num_pairs": (int, "pairs to generate (4096; synthetic prompts of the training split)"),
     "shard_size": (int, "pairs per safetensors shard (256)"),

@@ -23,6 +23,7 @@ class TrainConfig:
     lr: float = 5e-4
     warmup: int = 100
     checkpoint_every: int = 200
+    ema_decay: float = 0.0  # training stages end with this moving average of the weights; 0: off
     num_images: int = 20000  # synthetic training images (vae and flow stages)
     kl_weight: float = 1e-6  # vae stage
     train_text_encoder: bool = True  # flow stage: train the text encoder with the UNet
@@ -80,6 +81,8 @@ def make_config(
         raise UserError(
             f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {config.distill_loss!r}"
         )
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise UserError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if config.lr <= 0:
         raise UserError(f"lr must be positive, got {config.lr}")
     return config

@@ -1,4 +1,5 @@
-"""The training loop every stage shares: AdamW, data parallelism, loss CSV, held-out loss, resume."""
+"""The training loop every stage shares: AdamW, data parallelism, an optional exponential moving
+average of the weights, loss CSV, held-out loss, resume."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from instaflow_edge.train.distributed import World
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average, one tensor per parameter
 LOSS_CSV = "loss.csv"
 HELD_OUT = "held_out_loss.json"
 # The loss of one step; the generator is seeded by (seed, step, rank), so a resumed run sees
@@ -32,6 +34,35 @@ ProbeFn = Callable[[], torch.Tensor]
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+
+
+class WeightAverage:
+    """An exponential moving average of parameters. The decay warms up as min(decay, (1+n)/(10+n))
+    after n updates, so that the first steps' weights, far from trained, fade out quickly."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float):
+        self.parameters, self.decay, self.updates = parameters, decay, 0
+        self.average = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, parameter in zip(self.average, self.parameters, strict=True):
+            average.lerp_(parameter.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        for average, parameter in zip(self.average, self.parameters, strict=True):
+            parameter.copy_(average)
+
+    def save(self, path: Path) -> None:
+        save_file({str(i): t.contiguous() for i, t in enumerate(self.average)}, str(path))
+
+    def load(self, path: Path, updates: int) -> None:
+        tensors = load_file(str(path))
+        self.average = [tensors[str(i)] for i in range(len(self.parameters))]
+        self.updates = updates
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -67,7 +98,9 @@ def fit(
 
     Checkpoints go to OUT/checkpoint every config.checkpoint_every steps; if one is there the run
     continues from it (the caller has checked --resume), else it starts from the modules as given.
-    With a probe, OUT/held_out_loss.json records its value before and after training.
+    With config.ema_decay > 0 the modules end holding the moving average of their weights instead
+    of the last step's. With a probe, OUT/held_out_loss.json records its value before and after
+    training (after: of the weights the modules end with).
     """
     parameters = [p for module in modules.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
@@ -77,6 +110,7 @@ def fit(
         return min(1.0, (step + 1) / warmup) * (1.0 - 0.9 * step / config.steps)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    average = WeightAverage(parameters, config.ema_decay) if config.ema_decay > 0 else None
     losses: list[float] = []
     before = None
     checkpoint = out_dir / CHECKPOINT
@@ -93,6 +127,10 @@ def fit(
         _load_optimizer(optimizer, checkpoint)
         schedule.load_state_dict(state["schedule"])
         losses, before = state["losses"], state.get("held_out_before")
+        if average is not None:
+            if not (checkpoint / EMA_FILE).is_file():
+                raise UserError(f"{checkpoint} has no moving average: resume it with ema_decay 0")
+            average.load(checkpoint / EMA_FILE, updates=len(losses))
         logger.info("%s: resuming at step %d of %d", desc, len(losses), config.steps)
     elif probe is not None:
         before = _evaluate(probe, modules)
@@ -114,15 +152,19 @@ def fit(
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        if average is not None:
+            average.update()
         losses.append(float(world.mean(loss.detach())))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
             if world.is_main:
                 state = {"stage": desc, "losses": losses, "held_out_before": before}
-                _save_checkpoint(modules, optimizer, schedule, state, checkpoint)
+                _save_checkpoint(modules, optimizer, schedule, average, state, checkpoint)
                 write_loss_csv(out_dir / LOSS_CSV, losses)
             world.barrier()
+    if average is not None:
+        average.copy_to_parameters()
     for module in modules.values():
         module.eval()
     if probe is not None and before is not None and world.is_main:
@@ -141,7 +183,7 @@ def _evaluate(probe: ProbeFn, modules: dict[str, torch.nn.Module]) -> float:
     return float(probe())
 
 
-def _save_checkpoint(modules, optimizer, schedule, state: dict, folder: Path) -> None:
+def _save_checkpoint(modules, optimizer, schedule, average, state: dict, folder: Path) -> None:
     weights = {
         f"{name}.{key}": value.detach().contiguous()
         for name, module in modules.items()
@@ -152,6 +194,8 @@ def _save_checkpoint(modules, optimizer, schedule, state: dict, folder: Path) ->
         save_file(weights, str(staging / "weights.safetensors"))
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "optimizer.json").write_text(json.dumps(groups))
+        if average is not None:
+            average.save(staging / EMA_FILE)
         state = {**state, "schedule": schedule.state_dict()}
         (staging / "state.json").write_text(json.dumps(state))
 
