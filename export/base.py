@@ -1,17 +1,32 @@
-"""The Exporter contract and what every target's bundle shares: tokenizer, manifest, atomic write."""
+"""The Exporter contract and the one flow every target's export and quantization go through.
+
+A target module supplies only what is its own: how to convert a torch module and save it, how to
+quantize one saved component, its file layout, its options and the runtime that runs its bundles.
+This module does everything else, the same way for every target (DESIGN.md section 3): staging,
+example inputs, conversion, saving, the tokenizer, the manifest, the parity check through the
+target's own runtime against fixed inputs, the gate policy (shared with `validate`), and the
+final rename. A parity miss fails every target's export the same way, with the numbers.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
+from tqdm import tqdm
 
 from instaflow_edge.atomic import atomic_directory
-from instaflow_edge.components import ComponentSpec
+from instaflow_edge.components import COMPONENTS, ComponentSpec, component_specs
 from instaflow_edge.errors import UserError
+from instaflow_edge.gates import GateFailed, Gates, failure_line, failures_of
 from instaflow_edge.manifest import (
     ComponentEntry,
     Manifest,
@@ -19,53 +34,343 @@ from instaflow_edge.manifest import (
     hash_files,
     write_manifest,
 )
-from instaflow_edge.pipeline import OneStepPipeline
+from instaflow_edge.metrics import image_metrics, tensor_metrics
+from instaflow_edge.options import Options, option
+from instaflow_edge.recipe import with_generator
+from instaflow_edge.runtimes import RuntimeUnavailable, Session, get_runtime
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
+# the fixed inputs of every export-time parity check: prompts, and noise seeds 0, 1, ...
+CHECK_PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+TRACE_BATCH = 2  # a graph with a dynamic batch axis is traced at batch 2 and checked at batch 1
+
+IO = dict[str, dict[str, np.ndarray]]
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+@dataclass(frozen=True)
+class ExportOptions(Options):
+    """Export options of every target."""
+
+    fused: bool = option(
+        False,
+        "also export the whole one-step recipe as one graph: token ids + noise -> uint8 image",
+    )
+
+
+@dataclass(frozen=True)
+class QuantizeOptions(Options):
+    """Quantization options of every target."""
 
 
 class Exporter(ABC):
     """One target: export a model to a bundle, and quantize a bundle into a new bundle.
 
-    Both write into a temporary directory renamed into place at the end, so an interrupted run
+    Both write into a staging directory renamed into place at the end, so an interrupted run
     leaves no bundle that looks complete.
     """
 
     target: str
-    quantization_methods: tuple[str, ...]
+    runtime: str  # the module of instaflow_edge.runtimes that runs this target's bundles
+    layout: dict[str, str]  # component -> its file (or package folder) in the bundle
+    converter: str  # how graphs are made, recorded in the manifest
+    export_options: type[ExportOptions] = ExportOptions
+    quantize_options: type[QuantizeOptions] = QuantizeOptions
+    methods: tuple[str, ...] = ()  # quantization methods
+    calibrated_methods: tuple[str, ...] = ()  # methods that need a calibration set
+    quantizes_from: tuple[str, ...] = PRECISIONS  # source precisions its methods accept
+    method_precisions: dict[str, str] = {}  # methods that change the precision (ONNX fp16)
+    dtypes: dict[str, str] = {}  # tensor dtypes this target has no equivalent for -> its own
+
+    # -- what a target supplies -----------------------------------------------------------------
+    def static_batch(self, options: ExportOptions) -> int | None:
+        """The batch size its graphs are fixed to, or None for a dynamic batch axis."""
+        return None
 
     @abstractmethod
+    def convert(
+        self,
+        module: Any,
+        spec: ComponentSpec,
+        example: dict[str, np.ndarray],
+        precision: str,
+        options: ExportOptions,
+        notes: dict[str, Any],
+    ) -> Any:
+        """The target's model of one torch module (`notes`: anything worth recording)."""
+
+    @abstractmethod
+    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+        """Write the model at `path` (its layout entry), with whatever files it needs beside it."""
+
+    def quantize_component(
+        self,
+        source: Path,
+        dest: Path,
+        spec: ComponentSpec,
+        method: str,
+        precision: str,
+        calibration: Any,
+        reference: dict[str, np.ndarray],
+        options: QuantizeOptions,
+        notes: dict[str, Any],
+    ) -> bool:
+        """Write a quantized copy of one component; False leaves the component out of the bundle.
+
+        `precision` is the source bundle's; `reference` holds the component's inputs and outputs
+        from the source bundle (fixed check inputs); `calibration` is the calibration set when
+        the method takes one.
+        """
+        raise UserError(f"target {self.target} has no quantization methods")
+
+    def scratch(self) -> AbstractContextManager:
+        """A context entered around each component's conversion or quantization (a target whose
+        library leaves temporary files keeps them there)."""
+        return nullcontext()
+
+    def parity_device(self, options: ExportOptions) -> str:
+        """Where the export-time parity check runs the new bundle."""
+        return "cpu"
+
+    def write_assets(
+        self, staging: Path, specs: dict[str, ComponentSpec], options: ExportOptions
+    ) -> list[str]:
+        """Files beyond the components and the tokenizer (e.g. an index); their bundle paths."""
+        return []
+
+    # -- the flow -------------------------------------------------------------------------------
     def export(
         self,
-        pipeline: OneStepPipeline,
+        pipeline: Any,
         out_dir: Path,
         precision: str = "fp32",
-        options: dict[str, Any] | None = None,
+        options: ExportOptions | Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        gate_overrides: dict[str, float | None] | None = None,
     ) -> Path:
-        """Export text encoder, UNet and VAE decoder; check each against PyTorch; return the bundle."""
+        """Export every component, check the bundle against PyTorch through its runtime, and
+        commit it only if the gates pass; returns the bundle directory."""
+        options = _typed(self.export_options, options)
+        check_out(out_dir, overwrite)
+        if precision not in PRECISIONS:
+            raise UserError(
+                f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+            )
+        gates = Gates.for_bundle(precision, None, gate_overrides)
+        batch = self.static_batch(options)
+        specs = {
+            name: spec.with_batch(batch).with_dtypes(self.dtypes)
+            for name, spec in component_specs(pipeline.shapes, fused=options.fused).items()
+        }
+        reference = pytorch_io(pipeline, 1)
+        traced = reference if batch == 1 else pytorch_io(pipeline, batch or TRACE_BATCH)
+        notes: dict[str, dict[str, Any]] = {}
+        with staged_bundle(Path(out_dir), overwrite) as staging:
+            for name, spec in tqdm(specs.items(), desc=f"export {self.target}", unit="graph"):
+                module = COMPONENTS[name].build(pipeline)
+                example = feeds_for(spec, traced[name])
+                notes[name] = {}
+                path = staging / self.layout[name]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with self.scratch():
+                    model = self.convert(module, spec, example, precision, options, notes[name])
+                    self.save(model, path, precision, options)
+                    del model, module
+            assets = copy_tokenizer(pipeline, staging) + self.write_assets(staging, specs, options)
+            manifest = Manifest(
+                target=self.target,
+                runtime=self.runtime,
+                precision=precision,
+                source_model={"id": pipeline.source, "sha256": pipeline.fingerprint()},
+                sampling=SamplingRecipe(
+                    latent_shape=list(pipeline.latent_shape),
+                    vae_scaling_factor=pipeline.scaling_factor,
+                    image_size=pipeline.image_size,
+                ),
+                components=self._entries(staging, specs),
+                assets=hash_files(staging, assets),
+                details={
+                    "converter": self.converter,
+                    "options": options.to_dict(),
+                    "notes": {name: found for name, found in notes.items() if found},
+                },
+            )
+            write_manifest(staging, manifest)
+            device = self.parity_device(options)
+            self._check(staging, manifest, reference, "PyTorch", gates, device)
+        return Path(out_dir)
 
-    @abstractmethod
     def quantize(
         self,
         bundle: Path,
         out_dir: Path,
         method: str,
         calibration: Path | None = None,
-        options: dict[str, Any] | None = None,
+        options: QuantizeOptions | Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        gate_overrides: dict[str, float | None] | None = None,
     ) -> Path:
-        """Write a quantized copy of `bundle` to `out_dir`; return it."""
+        """Write a quantized copy of `bundle` to `out_dir`, checked against the source bundle
+        through the runtime and committed only if the gates pass; returns it."""
+        options = _typed(self.quantize_options, options)
+        if method not in self.methods:
+            raise UserError(
+                f"unknown method {method!r} for target {self.target}; choose one of "
+                f"{', '.join(self.methods)}"
+            )
+        check_out(out_dir, overwrite)
+        bundle = Path(bundle)
+        source = get_runtime(self.runtime).load(bundle, "cpu", fused=False)
+        manifest = source.manifest
+        if manifest.quantization is not None:
+            raise UserError(f"bundle {bundle} is already quantized ({manifest.quantization})")
+        if manifest.precision not in self.quantizes_from:
+            raise UserError(
+                f"bundle {bundle} is {manifest.precision}: {self.target} quantizes "
+                f"{' or '.join(self.quantizes_from)} exports"
+            )
+        calibration_set = self._calibration(method, calibration, manifest)
+        precision = self.method_precisions.get(method, manifest.precision)
+        gates = Gates.for_bundle(precision, method, gate_overrides)
+        reference = session_io(source)
+        notes: dict[str, dict[str, Any]] = {}
+        with staged_bundle(Path(out_dir), overwrite) as staging:
+            copy_assets(bundle, staging, manifest)
+            specs = {}
+            for name, entry in tqdm(manifest.components.items(), desc=method, unit="graph"):
+                dest = staging / entry.file
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                notes[name] = {}
+                with self.scratch():
+                    kept = self.quantize_component(
+                        bundle / entry.file,
+                        dest,
+                        entry.spec,
+                        method,
+                        manifest.precision,
+                        calibration_set,
+                        reference[name],
+                        options,
+                        notes[name],
+                    )
+                if kept:
+                    specs[name] = entry.spec
+                else:
+                    logger.warning("%s: %s is left out of the quantized bundle", method, name)
+            components = self._entries(staging, specs)
+            details: dict[str, Any] = {
+                "converter": manifest.details.get("converter"),
+                "source_bundle": str(bundle),
+                "source_options": manifest.details.get("options", {}),
+                "options": options.to_dict(),
+                "notes": {name: found for name, found in notes.items() if found},
+                "sizes": sizes(bundle, manifest.components, staging, components),
+            }
+            if calibration_set is not None:
+                details["calibration"] = {
+                    "set": str(calibration),
+                    "samples": len(calibration_set),
+                }
+            quantized = dataclasses.replace(
+                manifest,
+                precision=precision,
+                quantization=method,
+                components=components,
+                assets=hash_files(staging, list(manifest.assets)),
+                details=details,
+            )
+            write_manifest(staging, quantized)
+            self._check(staging, quantized, reference, "source bundle", gates, "cpu")
+        ratio = details["sizes"]["ratio"]
+        logger.info("%s %s: %.2fx smaller than %s", self.target, method, ratio, bundle)
+        return Path(out_dir)
+
+    # -- the flow's steps ---------------------------------------------------------------------
+    def _entries(self, staging: Path, specs: dict[str, ComponentSpec]) -> dict[str, ComponentEntry]:
+        return {
+            name: ComponentEntry.from_files(
+                staging, spec, self.layout[name], owned_files(staging, self.layout[name])
+            )
+            for name, spec in specs.items()
+        }
+
+    def _calibration(self, method: str, calibration: Path | None, manifest: Manifest):
+        if method in self.calibrated_methods and calibration is None:
+            raise UserError(
+                f"{method} needs --calibration SET (make one with `instaflow-edge calibrate`)"
+            )
+        if calibration is None:
+            return None
+        if method not in self.calibrated_methods:
+            logger.warning("%s does not use a calibration set: %s is ignored", method, calibration)
+            return None
+        from instaflow_edge.calibration import load_calibration
+
+        calibration_set = load_calibration(calibration)
+        if calibration_set.source_model != manifest.source_model.get("id"):
+            raise UserError(
+                f"calibration set {calibration} was made from {calibration_set.source_model!r}, "
+                f"but the bundle from {manifest.source_model.get('id')!r}"
+            )
+        return calibration_set
+
+    def _check(
+        self,
+        staging: Path,
+        manifest: Manifest,
+        reference: IO,
+        against: str,
+        gates: Gates,
+        device: str,
+    ) -> None:
+        """Parity of the staged bundle through this target's runtime, recorded in the manifest;
+        a missed gate raises `GateFailed` (and the staging directory is discarded)."""
+        try:
+            session = get_runtime(self.runtime).load(staging, device, fused=False)
+        except RuntimeUnavailable as error:
+            logger.warning("parity not checked here: %s", error)
+            manifest.details["parity"] = {"skipped": str(error)}
+            write_manifest(staging, manifest)
+            return
+        parity = session_parity(session, reference, against, gates)
+        manifest.details["parity"] = parity
+        write_manifest(staging, manifest)
+        failures = failures_of({**parity["components"], "end_to_end": parity["end_to_end"]})
+        if failures:
+            raise GateFailed(
+                f"{self.target} {manifest.quantization or manifest.precision} bundle missed its "
+                f"parity gates against {against}: {failure_line(failures)}"
+            )
+
+
+def _typed(cls: type[OptionsT], options: OptionsT | Mapping[str, Any] | None) -> OptionsT:
+    if options is None or isinstance(options, Mapping):
+        return cls.from_mapping(options)
+    if not isinstance(options, cls):
+        raise UserError(f"expected {cls.__name__}, got {type(options).__name__}")
+    return options
+
+
+# -- bundle files ---------------------------------------------------------------------------------
+def check_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing `out_dir` unless asked to."""
+    if Path(out_dir).exists() and not overwrite:
+        raise UserError(f"{out_dir} already exists: choose another --out or pass --overwrite")
 
 
 @contextmanager
 def staged_bundle(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """The staging directory of a bundle: renamed to `out_dir` only when the block succeeds."""
-    if Path(out_dir).exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists: choose another --out or pass --overwrite")
+    check_out(out_dir, overwrite)
     with atomic_directory(Path(out_dir), overwrite=overwrite) as staging:
         yield staging
 
 
-def copy_tokenizer(pipeline: OneStepPipeline, staging: Path) -> list[str]:
+def copy_tokenizer(pipeline: Any, staging: Path) -> list[str]:
     """Save the tokenizer into `tokenizer/` (tokenizer.json, config, vocab.json, merges.txt)."""
     folder = staging / "tokenizer"
     pipeline.tokenizer.save_pretrained(folder)
@@ -73,41 +378,114 @@ def copy_tokenizer(pipeline: OneStepPipeline, staging: Path) -> list[str]:
     return sorted(p.relative_to(staging).as_posix() for p in folder.iterdir())
 
 
-def write_bundle_manifest(
-    staging: Path,
-    pipeline: OneStepPipeline,
-    target: str,
-    precision: str,
-    components: dict[str, tuple[ComponentSpec, str, list[str]]],
-    assets: list[str],
-    quantization: str | None = None,
-    source_model: dict[str, str] | None = None,
-    details: dict[str, Any] | None = None,
-) -> Manifest:
-    """Hash every file and write `manifest.json`. components: name -> (spec, main file, extras)."""
-    manifest = Manifest(
-        target=target,
-        precision=precision,
-        quantization=quantization,
-        source_model=source_model or {"id": pipeline.source, "sha256": pipeline.fingerprint()},
-        sampling=SamplingRecipe(
-            latent_shape=list(pipeline.latent_shape),
-            vae_scaling_factor=pipeline.scaling_factor,
-            image_size=pipeline.image_size,
-        ),
-        components={
-            name: ComponentEntry.from_files(staging, spec, file, extras)
-            for name, (spec, file, extras) in components.items()
-        },
-        assets=hash_files(staging, assets),
-        details=details or {},
-    )
-    write_manifest(staging, manifest)
-    return manifest
-
-
 def copy_assets(source_bundle: Path, staging: Path, manifest: Manifest) -> None:
     """Copy a bundle's shared assets (tokenizer, ...) into a new bundle being quantized."""
     for relative in manifest.assets:
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source_bundle / relative, staging / relative)
+
+
+def owned_files(staging: Path, file: str) -> list[str]:
+    """The files a component owns beside its main file: everything else in its own folder (an
+    ONNX graph's external data, an IR's weights); a package folder is hashed whole anyway."""
+    path = staging / file
+    if path.is_dir() or path.parent == staging:
+        return []
+    return sorted(
+        p.relative_to(staging).as_posix()
+        for p in path.parent.rglob("*")
+        if p.is_file() and p != path
+    )
+
+
+def _bytes(bundle: Path, entries: dict[str, ComponentEntry]) -> dict[str, int]:
+    return {
+        name: sum((bundle / file).stat().st_size for file in entry.files)
+        for name, entry in entries.items()
+    }
+
+
+def sizes(
+    source: Path,
+    source_entries: dict[str, ComponentEntry],
+    staging: Path,
+    entries: dict[str, ComponentEntry],
+) -> dict[str, Any]:
+    """Bytes per component before and after quantization, the totals and their ratio."""
+    before, after = _bytes(source, source_entries), _bytes(staging, entries)
+    total_before = sum(before[name] for name in after)
+    total_after = sum(after.values())
+    return {
+        "components": {
+            name: {"bytes_before": before[name], "bytes_after": after[name]} for name in after
+        },
+        "bytes_before": total_before,
+        "bytes_after": total_after,
+        "ratio": total_before / max(total_after, 1),
+    }
+
+
+# -- fixed inputs and parity -------------------------------------------------------------------------
+def pytorch_io(pipeline: Any, batch: int = 1) -> IO:
+    """Every component's (and the fused generator's) inputs and outputs from PyTorch on the
+    check prompts and noise seeds 0..batch-1."""
+    prompts = [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(batch)]
+    io = pipeline.component_io(pipeline.tokenize(prompts), pipeline.make_noise(range(batch)))
+    return with_generator(io)
+
+
+def session_io(session: Session, batch: int = 1) -> IO:
+    """The same kind of fixed inputs run through a bundle (the reference of a quantization)."""
+    noise = np.random.default_rng(0).standard_normal(
+        (batch, *session.recipe.latent_shape), dtype=np.float32
+    )
+    prompts = [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(batch)]
+    return with_generator(session.component_io(session.tokenize(prompts), noise))
+
+
+def feeds_for(spec: ComponentSpec, recorded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A component's inputs from recorded tensors, in the spec's dtypes."""
+    return {t.name: recorded[t.name].astype(t.dtype) for t in spec.inputs}
+
+
+def compare(name: str, expected: np.ndarray, got: np.ndarray, against: str) -> dict[str, Any]:
+    """Image metrics for uint8 outputs, tensor metrics otherwise; logged."""
+    if got.dtype == np.uint8:
+        metrics = image_metrics(expected, got)
+        line = f"image PSNR {metrics['image_psnr_db']:.1f} dB"
+    else:
+        metrics = tensor_metrics(expected, got)
+        line = f"tensor PSNR {metrics['psnr_db']:.1f} dB, cosine {metrics['cosine']:.6f}"
+    logger.info("%s vs %s: max-abs %.3g, %s", name, against, metrics["max_abs"], line)
+    return metrics
+
+
+def session_parity(session: Session, reference: IO, against: str, gates: Gates) -> dict[str, Any]:
+    """Every component of a loaded bundle on the reference's inputs for it, then end to end from
+    the same token ids and noise; each part's numbers with the gate checks they pass or fail."""
+    components: dict[str, Any] = {}
+    for name, spec in session.specs.items():
+        output = spec.outputs[0].name
+        got = session.run(name, feeds_for(spec, reference[name]))[output]
+        metrics = compare(name, reference[name][output], got, against)
+        checks = (
+            gates.image_checks(metrics)
+            if got.dtype == np.uint8
+            else gates.tensor_checks(name, {output: metrics})
+        )
+        components[name] = {**metrics, "checks": checks}
+    ids, noise = reference["generator"]["input_ids"], reference["generator"]["noise"]
+    images = session.generate(ids, noise)
+    end_to_end = compare("end to end", reference["generator"]["image"], images, against)
+    if "generator" in components:
+        fused = session.run("generator", {"input_ids": ids, "noise": noise})["image"]
+        vs_three = image_metrics(images, fused)["image_psnr_db"]
+        components["generator"]["vs_three_graphs_image_psnr_db"] = vs_three
+        logger.info("generator vs the three graphs: image PSNR %.1f dB", vs_three)
+    return {
+        "against": against,
+        "executed_on": session.executed_on,
+        "gates": gates.to_dict(),
+        "components": components,
+        "end_to_end": {**end_to_end, "checks": gates.image_checks(end_to_end)},
+    }

@@ -19,68 +19,58 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from instaflow_edge.components import ComponentSpec, TensorSpec, component_specs, generator_spec
+from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
-from instaflow_edge.export.base import (
-    PRECISIONS,
-    Exporter,
-    copy_assets,
-    copy_tokenizer,
-    staged_bundle,
-    write_bundle_manifest,
-)
-from instaflow_edge.export.parity import (
-    GATES_DB,
-    IO,
-    end_to_end_parity,
-    json_safe,
-    pytorch_io,
-    session_io,
-    session_parity,
-    warn_below_gates,
-)
-from instaflow_edge.fused import OneStepGenerator, component_modules
-from instaflow_edge.manifest import (
-    ComponentEntry,
-    Manifest,
-    hash_files,
-    verify_bundle,
-    write_manifest,
-)
+from instaflow_edge.export.base import Exporter, ExportOptions, QuantizeOptions
 from instaflow_edge.metrics import tensor_metrics
-from instaflow_edge.pipeline import OneStepPipeline
+from instaflow_edge.options import option
+from instaflow_edge.runtimes.coreml import COMPUTE_UNITS
+
+if TYPE_CHECKING:  # torch and coremltools load only when a conversion runs
+    import torch
+
+    from instaflow_edge.calibration import CalibrationSet
 
 logger = logging.getLogger(__name__)
 
-# component -> Apple's Swift StableDiffusion resource name (the generator is ours)
-PACKAGES = {
-    "text_encoder": "TextEncoder.mlpackage",
-    "unet": "Unet.mlpackage",
-    "vae_decoder": "VAEDecoder.mlpackage",
-    "generator": "OneStepGenerator.mlpackage",
-}
 APPLE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
-COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
-ATTENTIONS = ("original", "split-einsum")
 MIN_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
-METHODS = ("palettize-8", "palettize-6", "palettize-4", "int8-linear", "mixed")
 MIXED_BITS = (4, 8)  # mixed: the least sensitive layers at 4 bits, the rest at 8
-MIXED_TARGET_PSNR_DB = 40.0  # of the one-step latents (Apple's mixed-bit recipes aim at ~40 dB)
-MIXED_SAMPLES = 4  # calibration samples measured per candidate
+
+
+@dataclass(frozen=True)
+class CoreMLExportOptions(ExportOptions):
+    """Core ML export options."""
+
+    compute_units: str = option("ALL", "the compute units the packages ask for", COMPUTE_UNITS)
+    attention: str = option(
+        "original",
+        "attention layout; split-einsum suits the Neural Engine",
+        ("original", "split-einsum"),
+    )
+    min_target: str = option("iOS16", "minimum deployment target", MIN_TARGETS)
+
+
+@dataclass(frozen=True)
+class CoreMLQuantizeOptions(QuantizeOptions):
+    """Core ML compression options."""
+
+    # Apple's mixed-bit recipes aim at about 40 dB
+    target_psnr: float = option(40.0, "mixed: the one-step latents' PSNR to hold, in dB")
+    calibration_samples: int = option(4, "mixed: calibration samples measured per candidate")
 
 
 # -- the modules that are converted -------------------------------------------------------------
 # -- the Neural Engine attention variant ----------------------------------------------------------
 def _conv1x1(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    import torch.nn.functional as F
+
     return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
 
 
@@ -91,6 +81,8 @@ class SplitEinsumAttnProcessor:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None
     ):
+        import torch
+
         if attention_mask is not None:
             raise UserError("split-einsum attention does not support attention masks")
         residual = hidden_states
@@ -126,19 +118,21 @@ class SplitEinsumAttnProcessor:
 
 
 @contextmanager
-def attention_variant(pipeline: OneStepPipeline, attention: str) -> Iterator[None]:
-    """Switch the UNet's and VAE's attention to `attention` for the block; restore it after."""
-    if attention == "original":
-        yield
+def attention_variant(module: torch.nn.Module, attention: str) -> Iterator[bool]:
+    """Switch the attention of every diffusers model inside `module` (UNet, VAE) to `attention`
+    for the block and restore it after; yields whether anything was switched."""
+    models = [m for m in module.modules() if hasattr(m, "set_attn_processor")]
+    if attention == "original" or not models:
+        yield False
         return
-    saved = {m: m.attn_processors for m in (pipeline.unet, pipeline.vae)}
+    saved = {m: m.attn_processors for m in models}
     try:
-        for module in saved:
-            module.set_attn_processor(SplitEinsumAttnProcessor())
-        yield
+        for model in saved:
+            model.set_attn_processor(SplitEinsumAttnProcessor())
+        yield True
     finally:
-        for module, processors in saved.items():
-            module.set_attn_processor(processors)
+        for model, processors in saved.items():
+            model.set_attn_processor(processors)
 
 
 @contextmanager
@@ -159,24 +153,6 @@ def coremltools_scratch() -> Iterator[None]:
 
 
 # -- conversion ---------------------------------------------------------------------------------
-def resolve_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """The Core ML options with their defaults, checked: compute units, attention, target, fused."""
-    settings = {
-        "compute_units": options.get("compute_units") or "ALL",
-        "attention": options.get("attention") or "original",
-        "min_target": options.get("min_target") or "iOS16",
-        "fused": bool(options.get("fused")),
-    }
-    for key, allowed in (
-        ("compute_units", COMPUTE_UNITS),
-        ("attention", ATTENTIONS),
-        ("min_target", MIN_TARGETS),
-    ):
-        if settings[key] not in allowed:
-            raise UserError(f"unknown {key} {settings[key]!r}; choose one of {', '.join(allowed)}")
-    return settings
-
-
 def _deployment_target(name: str):
     import coremltools as ct
 
@@ -186,272 +162,127 @@ def _deployment_target(name: str):
     )
 
 
-def batch_one(spec: ComponentSpec) -> ComponentSpec:
-    """Core ML models here take batch 1 (static shapes) and int32 token ids, and return the
-    generator's uint8 pixels as int32 (Core ML's integer arrays): record what they take and give."""
-
-    def fix(tensor: TensorSpec) -> TensorSpec:
-        dtype = "int32" if tensor.dtype in ("int64", "uint8") else tensor.dtype
-        return replace(
-            tensor, shape=tuple(1 if s == "batch" else s for s in tensor.shape), dtype=dtype
-        )
-
-    return replace(spec, inputs=tuple(map(fix, spec.inputs)), outputs=tuple(map(fix, spec.outputs)))
-
-
-def convert(
-    module: torch.nn.Module,
-    spec: ComponentSpec,
-    example: dict[str, np.ndarray],
-    precision: str,
-    settings: dict[str, Any],
-):
-    """Trace `module` on `example` and convert it to an mlprogram with the spec's tensor names."""
-    import coremltools as ct
-
-    inputs = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
-    with torch.no_grad():
-        traced = torch.jit.trace(module.eval(), inputs)
-    return ct.convert(
-        traced,
-        inputs=[
-            ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(t.dtype)) for t in spec.inputs
-        ],
-        outputs=[
-            ct.TensorType(name=t.name, dtype=np.float32 if t.dtype.startswith("float") else None)
-            for t in spec.outputs
-        ],
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-        compute_units=ct.ComputeUnit[settings["compute_units"]],
-        minimum_deployment_target=_deployment_target(settings["min_target"]),
-        skip_model_load=platform.system() != "Darwin",
-    )
-
-
-def check_examples(reference: IO) -> IO:
-    """The PyTorch reference's inputs (`pytorch_io`: one prompt, noise seed 0, t=1000, batch 1)
-    as the packages take them: int32 token ids."""
-    ids = reference["text_encoder"]["input_ids"].astype(np.int32)
-    return {
-        **reference,
-        "text_encoder": {**reference["text_encoder"], "input_ids": ids},
-        "generator": {**reference["generator"], "input_ids": ids},
-    }
-
-
 def run_module(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]):
     """The PyTorch output of `module` on the spec's inputs, as numpy."""
+    import torch
+
     with torch.no_grad():
         return module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs)).numpy()
 
 
-def check_package(
-    path: Path,
-    module: torch.nn.Module,
-    spec: ComponentSpec,
-    feeds: dict[str, np.ndarray],
-    settings: dict[str, Any],
-) -> dict[str, float]:
-    """Run the saved package (Core ML on macOS, the MIL interpreter elsewhere) against PyTorch."""
-    from instaflow_edge.runtimes.coreml import run_package
-
-    reference = run_module(module, spec, feeds)
-    output, executed_on = run_package(path, feeds, settings["compute_units"])
-    metrics = tensor_metrics(reference, output[spec.outputs[0].name])
-    metrics["executed_on"] = executed_on
-    return metrics
-
-
 class CoreMLExporter(Exporter):
-    """Export to Core ML mlprograms laid out as Apple's Swift StableDiffusion resources."""
+    """Core ML mlprograms laid out as Apple's Swift StableDiffusion resources, batch 1.
+
+    Converter choice (measured with torch 2.13 and coremltools 9.0 on the embedded model):
+    tracing converts all three components; `torch.export` + `run_decompositions({})` converts the
+    UNet and the VAE decoder to the same program, but fails on the CLIP text encoder ("Unsupported
+    fx node alias") and names tensors by its graph, not ours. The UNet keeps `timestep` as an
+    input: folding 1000 in gave the same parity and only drops the time embedding's sin/cos,
+    while the input keeps the interface of Apple's `Unet.mlpackage`.
+
+    Methods compress weights (coremltools.optimize.coreml): palettize-8/6/4, int8-linear, and
+    mixed (per-layer 4/8-bit palettes holding --target-psnr on the one-step latents, measured
+    through the MIL interpreter on calibration samples at t=1000).
+    """
 
     target = "coreml"
-    quantization_methods = METHODS
+    runtime = "coreml"
+    layout = {  # Apple's Swift StableDiffusion resource names (the generator is ours)
+        "text_encoder": "TextEncoder.mlpackage",
+        "unet": "Unet.mlpackage",
+        "vae_decoder": "VAEDecoder.mlpackage",
+        "generator": "OneStepGenerator.mlpackage",
+    }
+    converter = "coremltools mlprogram from torch.jit.trace; timestep kept as an input"
+    export_options = CoreMLExportOptions
+    quantize_options = CoreMLQuantizeOptions
+    methods = ("palettize-8", "palettize-6", "palettize-4", "int8-linear", "mixed")
+    calibrated_methods = ("mixed",)
+    # Core ML's integer arrays are int32: token ids in, the generator's pixels out
+    dtypes = {"int64": "int32", "uint8": "int32"}
 
-    def export(
+    def static_batch(self, options: ExportOptions) -> int | None:
+        return 1
+
+    def convert(
         self,
-        pipeline: OneStepPipeline,
-        out_dir: Path,
-        precision: str = "fp32",
-        options: dict[str, Any] | None = None,
-    ) -> Path:
-        options = dict(options or {})
-        if precision not in PRECISIONS:
-            raise UserError(
-                f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
-            )
-        settings = resolve_settings(options)
-        modules = component_modules(pipeline)
-        specs = {name: batch_one(spec) for name, spec in component_specs(pipeline.shapes).items()}
-        if settings["fused"]:
-            modules["generator"] = OneStepGenerator(pipeline).eval()
-            specs["generator"] = batch_one(generator_spec(pipeline.shapes))
-        reference = pytorch_io(pipeline)
-        examples = check_examples(reference)
-        gate = GATES_DB[precision]
-        parity: dict[str, Any] = {"against": "PyTorch"}
-        with (
-            staged_bundle(Path(out_dir), bool(options.get("overwrite"))) as staging,
-            coremltools_scratch(),
-        ):
-            for name in tqdm(specs, desc="export coreml", unit="model"):
-                spec, feeds = specs[name], examples[name]
-                with attention_variant(pipeline, settings["attention"]):
-                    model = convert(modules[name], spec, feeds, precision, settings)
-                    if settings["attention"] != "original" and name != "text_encoder":
-                        variant = run_module(modules[name], spec, feeds)
-                model.save(str(staging / PACKAGES[name]))
-                del model
-                if settings["attention"] != "original" and name != "text_encoder":
-                    check = tensor_metrics(run_module(modules[name], spec, feeds), variant)
-                    parity[f"{name}_split_einsum_vs_original_psnr_db"] = check["psnr_db"]
-                    logger.info(
-                        "coreml %s: split-einsum attention vs original in PyTorch: PSNR %.1f dB",
-                        name,
-                        check["psnr_db"],
-                    )
-                # the reference is always the original PyTorch model
-                metrics = check_package(
-                    staging / PACKAGES[name], modules[name], spec, feeds, settings
-                )
-                parity["executed_on"] = metrics.pop("executed_on")
-                parity[name] = metrics
-                logger.info(
-                    "coreml %s %s vs PyTorch: max-abs %.3g, PSNR %.1f dB, cosine %.6f (%s)",
-                    name,
-                    precision,
-                    metrics["max_abs"],
-                    metrics["psnr_db"],
-                    metrics["cosine"],
-                    parity["executed_on"],
-                )
-                if not metrics["finite"] or metrics["psnr_db"] < gate:
-                    raise UserError(
-                        f"coreml export of {name} failed its parity check: PSNR "
-                        f"{metrics['psnr_db']:.1f} dB < {gate:.0f} dB ({precision})"
-                    )
-            assets = copy_tokenizer(pipeline, staging)
-            for file in APPLE_TOKENIZER_FILES:  # Apple's package reads them at the bundle root
-                shutil.copy2(staging / "tokenizer" / file, staging / file)
-            details = {
-                "coreml": {**settings, "converter": "torch.jit.trace", "timestep": "input"},
-                "parity": parity,
-            }
-            manifest = write_bundle_manifest(
-                staging,
-                pipeline,
-                self.target,
-                precision,
-                {name: (spec, PACKAGES[name], []) for name, spec in specs.items()},
-                [*assets, *APPLE_TOKENIZER_FILES],
-                details=details,
-            )
-            from instaflow_edge.runtimes.coreml import CoreMLRuntime
+        module: torch.nn.Module,
+        spec: ComponentSpec,
+        example: dict[str, np.ndarray],
+        precision: str,
+        options: CoreMLExportOptions,
+        notes: dict[str, Any],
+    ) -> Any:
+        """Trace `module` on `example` and convert it to an mlprogram with the spec's names."""
+        import coremltools as ct
+        import torch
 
-            session = CoreMLRuntime().load(staging)
-            end_to_end_parity(self.target, session, reference, parity)
-            details["parity"] = json_safe(parity)
-            write_manifest(staging, manifest)
-        return Path(out_dir)
-
-    def quantize(
-        self,
-        bundle: Path,
-        out_dir: Path,
-        method: str,
-        calibration: Path | None = None,
-        options: dict[str, Any] | None = None,
-    ) -> Path:
-        """Compress every package's weights (coremltools.optimize.coreml); sizes before and after."""
-        if method not in METHODS:
-            raise UserError(
-                f"unknown Core ML method {method!r}; choose one of {', '.join(METHODS)}"
+        inputs = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
+        with attention_variant(module, options.attention) as variant:
+            with torch.no_grad():
+                traced = torch.jit.trace(module, inputs)
+            if variant:
+                changed = run_module(module, spec, example)
+        if variant:  # the reference stays the original attention: say what the variant costs
+            psnr = tensor_metrics(run_module(module, spec, example), changed)["psnr_db"]
+            notes["split_einsum_vs_original_psnr_db"] = psnr
+            logger.info(
+                "%s: split-einsum vs original attention in PyTorch: %.1f dB", spec.name, psnr
             )
-        options = dict(options or {})
-        source = verify_bundle(Path(bundle))
-        if source.target != self.target:
-            raise UserError(f"bundle {bundle} is for target {source.target!r}, not 'coreml'")
-        if source.quantization:
-            raise UserError(f"bundle {bundle} is already quantized ({source.quantization})")
-        if method == "mixed" and calibration is None:
-            raise UserError("--method mixed needs a calibration set (--calibration SET)")
-        from instaflow_edge.runtimes.coreml import CoreMLRuntime
-        from instaflow_edge.runtimes.mil_interpreter import load_program
-
-        reference = session_io(CoreMLRuntime().load(Path(bundle)))
-        record: dict[str, Any] = {"method": method, "components": {}}
-        with (
-            staged_bundle(Path(out_dir), options.get("overwrite", False)) as staging,
-            coremltools_scratch(),
-        ):
-            copy_assets(Path(bundle), staging, source)
-            for name, entry in tqdm(source.components.items(), desc=f"quantize {method}"):
-                src, dst = Path(bundle) / entry.file, staging / entry.file
-                if method == "mixed" and name == "unet":
-                    samples = unet_samples(calibration, options)
-                    bits = choose_mixed_bits(src, staging, samples, _target_psnr(options))
-                    compress_package(src, dst, "mixed", bits)
-                    record["mixed"] = {
-                        "target_psnr_db": _target_psnr(options),
-                        "one_step_psnr_db": one_step_psnr(load_program(dst), samples),
-                        "layers_per_bits": {
-                            b: sum(v == b for v in bits.values()) for b in MIXED_BITS
-                        },
-                        "layer_bits": bits,
-                    }
-                else:  # mixed: the other packages at 8 bits
-                    compress_package(src, dst, "palettize-8" if method == "mixed" else method)
-                record["components"][name] = {"bytes_before": _size(src), "bytes_after": _size(dst)}
-                logger.info(
-                    "coreml %s %s: %.2f MiB -> %.2f MiB",
-                    name,
-                    method,
-                    _size(src) / 2**20,
-                    _size(dst) / 2**20,
+        return ct.convert(
+            traced,
+            inputs=[
+                ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(t.dtype))
+                for t in spec.inputs
+            ],
+            outputs=[
+                ct.TensorType(
+                    name=t.name, dtype=np.float32 if t.dtype.startswith("float") else None
                 )
-            before = sum(c["bytes_before"] for c in record["components"].values())
-            after = sum(c["bytes_after"] for c in record["components"].values())
-            record.update(bytes_before=before, bytes_after=after, size_ratio=before / after)
-            manifest = Manifest(
-                target=self.target,
-                precision=source.precision,
-                quantization=method,
-                source_model=source.source_model,
-                sampling=source.sampling,
-                components={
-                    name: ComponentEntry.from_files(staging, entry.spec, entry.file)
-                    for name, entry in source.components.items()
-                },
-                assets=hash_files(staging, list(source.assets)),
-                details={**source.details, "quantization": record},
-            )
-            write_manifest(staging, manifest)
-            # checked against the source bundle on the same runtime (the MIL interpreter off macOS)
-            session = CoreMLRuntime().load(staging)
-            parity = session_parity(self.target, session, reference, "source bundle")
-            warn_below_gates(parity, None)
-            manifest.details["parity"] = json_safe(parity)
-            write_manifest(staging, manifest)
-        logger.info(
-            "coreml %s: %.2f MiB -> %.2f MiB (%.2fx smaller)",
-            method,
-            before / 2**20,
-            after / 2**20,
-            before / after,
+                for t in spec.outputs
+            ],
+            convert_to="mlprogram",
+            compute_precision=(
+                ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32
+            ),
+            compute_units=ct.ComputeUnit[options.compute_units],
+            minimum_deployment_target=_deployment_target(options.min_target),
+            skip_model_load=platform.system() != "Darwin",
         )
-        return Path(out_dir)
+
+    def scratch(self) -> Any:
+        return coremltools_scratch()
+
+    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+        model.save(str(path))
+
+    def write_assets(
+        self, staging: Path, specs: dict[str, ComponentSpec], options: ExportOptions
+    ) -> list[str]:
+        for file in APPLE_TOKENIZER_FILES:  # Apple's package reads them at the bundle root
+            shutil.copy2(staging / "tokenizer" / file, staging / file)
+        return list(APPLE_TOKENIZER_FILES)
+
+    def quantize_component(
+        self,
+        source: Path,
+        dest: Path,
+        spec: ComponentSpec,
+        method: str,
+        precision: str,
+        calibration: CalibrationSet | None,
+        reference: dict[str, np.ndarray],
+        options: CoreMLQuantizeOptions,
+        notes: dict[str, Any],
+    ) -> bool:
+        if method == "mixed" and spec.name == "unet":
+            notes["mixed"] = compress_mixed(source, dest, calibration, options)
+        else:  # mixed: the other packages at 8 bits
+            compress_package(source, dest, "palettize-8" if method == "mixed" else method)
+        return True
 
 
 # -- compression --------------------------------------------------------------------------------
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def _target_psnr(options: dict[str, Any]) -> float:
-    return float(options.get("target_psnr") or MIXED_TARGET_PSNR_DB)
-
-
 def _compressor(method: str, nbits: int | None = None):
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OpPalettizerConfig
 
@@ -486,8 +317,6 @@ def compress_package(
 
 def one_step_psnr(program, samples: list[dict[str, np.ndarray]], constants=None) -> float:
     """PSNR of the one-step latents (noise + v) against the calibration set's PyTorch ones."""
-    from instaflow_edge.metrics import tensor_metrics
-
     reference, candidate = [], []
     for sample in samples:
         feeds = {name: sample[name] for name in program.inputs}
@@ -497,12 +326,21 @@ def one_step_psnr(program, samples: list[dict[str, np.ndarray]], constants=None)
     return tensor_metrics(np.concatenate(reference), np.concatenate(candidate))["psnr_db"]
 
 
-def unet_samples(calibration: Path, options: dict[str, Any]) -> list[dict[str, np.ndarray]]:
-    """The first calibration samples of the UNet (inputs and PyTorch output at t=1000)."""
-    from instaflow_edge.calibration import load_calibration
+def compress_mixed(
+    source: Path, dest: Path, calibration: CalibrationSet, options: CoreMLQuantizeOptions
+) -> dict[str, Any]:
+    """Palettize the UNet with per-layer bits holding the target PSNR; what was chosen."""
+    from instaflow_edge.runtimes.mil_interpreter import load_program
 
-    limit = int(options.get("calibration_samples") or MIXED_SAMPLES)
-    return list(itertools.islice(load_calibration(calibration).samples("unet"), limit))
+    samples = list(itertools.islice(calibration.samples("unet"), options.calibration_samples))
+    bits = choose_mixed_bits(source, dest.parent, samples, options.target_psnr)
+    compress_package(source, dest, "mixed", bits)
+    return {
+        "target_psnr_db": options.target_psnr,
+        "one_step_psnr_db": one_step_psnr(load_program(dest), samples),
+        "layers_per_bits": {b: sum(v == b for v in bits.values()) for b in MIXED_BITS},
+        "layer_bits": bits,
+    }
 
 
 def choose_mixed_bits(

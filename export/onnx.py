@@ -1,7 +1,7 @@
-"""The ONNX target: export to optimum's layout, fuse a one-step generator, optimise, quantize.
+"""The ONNX target: graphs in optimum's layout, optional ONNX Runtime optimisation, fp16, int8.
 
-Every graph written is checked right away against its reference on fixed inputs (PyTorch for an
-export, the fp32 bundle for a quantization) and the numbers go to the log and the manifest.
+Only what is ONNX's own lives here (conversion, saving, quantizers, options); the flow, parity
+and manifest are `export.base`'s.
 """
 
 from __future__ import annotations
@@ -10,39 +10,18 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from instaflow_edge.components import ComponentSpec, component_specs, generator_spec
-from instaflow_edge.errors import UserError
-from instaflow_edge.export.base import (
-    PRECISIONS,
-    Exporter,
-    copy_assets,
-    copy_tokenizer,
-    staged_bundle,
-    write_bundle_manifest,
-)
-from instaflow_edge.export.parity import (
-    GATES_DB,
-    json_safe,
-    pytorch_io,
-    session_io,
-    session_parity,
-    warn_below_gates,
-)
-from instaflow_edge.flow import ONE_STEP_TIMESTEP
-from instaflow_edge.manifest import ComponentEntry, Manifest, hash_files, write_manifest
-from instaflow_edge.pipeline import OneStepPipeline
-from instaflow_edge.runtimes.base import RuntimeUnavailable
-from instaflow_edge.runtimes.onnxruntime import OnnxRuntime
+from instaflow_edge.components import ComponentSpec
+from instaflow_edge.export.base import Exporter, ExportOptions, QuantizeOptions
+from instaflow_edge.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -58,206 +37,129 @@ OPTIMIZER_MODEL_TYPES = {
     "vae_decoder": "vae",
     "generator": "unet",
 }
-QUANTIZATION_METHODS = ("fp16", "int8-dynamic", "int8-dynamic-all", "int8-static")
-CALIBRATION_METHODS = ("minmax", "percentile")
 STATIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 
 
+@dataclass(frozen=True)
+class OnnxExportOptions(ExportOptions):
+    """ONNX export options."""
+
+    device: str | None = option(
+        None,
+        "optimise the graphs with ONNX Runtime's transformer optimizer for this device (cpu: "
+        "CPU-safe fusions; cuda: all fusions, runs on CUDA only); default: unoptimised, portable",
+        ("cpu", "cuda"),
+    )
+
+
+@dataclass(frozen=True)
+class OnnxQuantizeOptions(QuantizeOptions):
+    """ONNX quantization options."""
+
+    calibration_method: str = option(
+        "minmax", "how int8-static sets activation ranges", ("minmax", "percentile")
+    )
+
+
 class OnnxExporter(Exporter):
-    """ONNX graphs in optimum's layout: text_encoder/, unet/, vae_decoder/ (+ generator/ fused)."""
+    """ONNX graphs in optimum's layout: text_encoder/, unet/, vae_decoder/ (+ generator/ fused).
+
+    Methods: fp16 (I/O kept fp32; ops that overflow fp16 kept fp32), int8-dynamic (MatMul
+    only), int8-dynamic-all (every op), int8-static (QDQ, per-channel, from a calibration set).
+    """
 
     target = "onnx"
-    quantization_methods = QUANTIZATION_METHODS
+    runtime = "onnxruntime"
+    layout = {name: f"{name}/{MODEL_FILE}" for name in OPTIMIZER_MODEL_TYPES}
+    converter = f"torch.onnx (TorchScript-based, dynamo=False), opset {OPSET}"
+    export_options = OnnxExportOptions
+    quantize_options = OnnxQuantizeOptions
+    methods = ("fp16", "int8-dynamic", "int8-dynamic-all", "int8-static")
+    calibrated_methods = ("int8-static",)
+    quantizes_from = ("fp32",)
+    method_precisions = {"fp16": "fp16"}
 
-    def export(
+    def convert(
         self,
-        pipeline: OneStepPipeline,
-        out_dir: Path,
-        precision: str = "fp32",
-        options: dict[str, Any] | None = None,
-    ) -> Path:
-        """options: fused (bool), device (None | "cpu" | "cuda": graph optimisation), overwrite."""
-        options = options or {}
-        if precision not in PRECISIONS:
-            raise UserError(
-                f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
-            )
-        device = options.get("device")
-        if device not in (None, "cpu", "cuda"):
-            raise UserError(f"unknown device {device!r}: use cpu or cuda")
-        from instaflow_edge.fused import component_modules
+        module: Any,
+        spec: ComponentSpec,
+        example: dict[str, np.ndarray],
+        precision: str,
+        options: OnnxExportOptions,
+        notes: dict[str, Any],
+    ) -> Any:
+        import onnx
 
-        modules = component_modules(pipeline, fused=bool(options.get("fused")))
-        specs = {**component_specs(pipeline.shapes), "generator": generator_spec(pipeline.shapes)}
-        reference = pytorch_io(pipeline)
-        details: dict[str, Any] = {
-            "exporter": f"torch.onnx (TorchScript-based, dynamo=False), opset {OPSET}",
-            "graph_optimization": device,
-            "fp32_nodes": {},
-        }
-        with staged_bundle(Path(out_dir), overwrite=bool(options.get("overwrite"))) as staging:
-            entries = {}
-            for name, module in tqdm(modules.items(), desc="export onnx", unit="graph"):
-                path = staging / name / MODEL_FILE
-                export_graph(module, specs[name], path, example_inputs(specs[name], pipeline))
-                if device is not None:
-                    optimize_graph(path, name, device)
-                if precision == "fp16":
-                    kept = convert_to_fp16(path, path, reference[name], specs[name])
-                    if kept:
-                        details["fp32_nodes"][name] = kept
-                entries[name] = (specs[name], f"{name}/{MODEL_FILE}", extra_files(staging, name))
-            assets = copy_tokenizer(pipeline, staging) + [write_model_index(staging, modules)]
-            manifest = write_bundle_manifest(
-                staging, pipeline, self.target, precision, entries, assets, details=details
-            )
-            gate = GATES_DB[precision]
-            details["parity"] = check_bundle(staging, reference, "PyTorch", device, gate)
-            write_manifest(staging, manifest)
-        return Path(out_dir)
+        with tempfile.TemporaryDirectory(prefix="instaflow-edge-onnx-") as scratch:
+            path = export_graph(module, spec, Path(scratch) / MODEL_FILE, example)
+            if options.device is not None:
+                optimize_graph(path, spec.name, options.device)
+            if precision == "fp16":
+                kept = convert_to_fp16(path, path, example, spec)
+                if kept:
+                    notes["fp32_nodes"] = kept
+            return onnx.load(str(path))
 
-    def quantize(
+    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+        save_onnx(model, path)
+
+    def parity_device(self, options: OnnxExportOptions) -> str:
+        return options.device or "cpu"
+
+    def write_assets(
+        self, staging: Path, specs: dict[str, ComponentSpec], options: ExportOptions
+    ) -> list[str]:
+        return [write_model_index(staging, specs)]
+
+    def quantize_component(
         self,
-        bundle: Path,
-        out_dir: Path,
+        source: Path,
+        dest: Path,
+        spec: ComponentSpec,
         method: str,
-        calibration: Path | None = None,
-        options: dict[str, Any] | None = None,
-    ) -> Path:
-        """options: calibration_method ("minmax" | "percentile", for int8-static), overwrite."""
-        options = options or {}
-        if method not in QUANTIZATION_METHODS:
-            raise UserError(
-                f"unknown method {method!r} for target onnx; choose one of "
-                f"{', '.join(QUANTIZATION_METHODS)}"
-            )
-        calibration_method = options.get("calibration_method") or "minmax"
-        if calibration_method not in CALIBRATION_METHODS:
-            raise UserError(
-                f"unknown calibration method {calibration_method!r}; choose one of "
-                f"{', '.join(CALIBRATION_METHODS)}"
-            )
-        bundle = Path(bundle)
-        source = OnnxRuntime().load(bundle, "cpu", fused=False)
-        manifest = source.manifest
-        if manifest.quantization is not None or manifest.precision != "fp32":
-            raise UserError(
-                f"bundle {bundle} is already {manifest.quantization or manifest.precision}: "
-                "quantize an fp32 export"
-            )
-        if manifest.details.get("graph_optimization") == "cuda":
-            raise UserError(f"bundle {bundle} holds CUDA-only ops: quantize a --device cpu export")
-        calibration_set = None
-        if method == "int8-static":
-            if calibration is None:
-                raise UserError("int8-static needs --calibration SET (make one with calibrate)")
-            from instaflow_edge.calibration import load_calibration
-
-            calibration_set = load_calibration(calibration)
-            if calibration_set.source_model != manifest.source_model.get("id"):
-                logger.warning(
-                    "calibration set %s was made from %s, the bundle from %s",
-                    calibration,
-                    calibration_set.source_model,
-                    manifest.source_model.get("id"),
-                )
-        reference = session_io(source)
-        details: dict[str, Any] = {"source_bundle": str(bundle), "fp32_nodes": {}}
-        if calibration_set is not None:
-            details["calibration"] = {
-                "set": str(calibration),
-                "samples": len(calibration_set),
-                "method": calibration_method,
-            }
-        with staged_bundle(Path(out_dir), overwrite=bool(options.get("overwrite"))) as staging:
-            components = {}
-            for name, entry in tqdm(manifest.components.items(), desc=method, unit="graph"):
-                source_path, path = bundle / entry.file, staging / entry.file
-                path.parent.mkdir(parents=True)
-                if method == "fp16":
-                    kept = convert_to_fp16(source_path, path, reference[name], entry.spec)
-                    if kept:
-                        details["fp32_nodes"][name] = kept
-                elif method == "int8-static":
-                    feeds = calibration_feeds(calibration_set, entry.spec)
-                    quantize_static_qdq(source_path, path, feeds, calibration_method)
-                else:
-                    quantize_dynamic_int8(source_path, path, all_ops=method == "int8-dynamic-all")
-                components[name] = ComponentEntry.from_files(
-                    staging, entry.spec, entry.file, extra_files(staging, name)
-                )
-            copy_assets(bundle, staging, manifest)
-            quantized = Manifest(
-                target=self.target,
-                precision="fp16" if method == "fp16" else manifest.precision,
-                quantization=method,
-                source_model=manifest.source_model,
-                sampling=manifest.sampling,
-                components=components,
-                assets=hash_files(staging, list(manifest.assets)),
-                details=details,
-            )
-            write_manifest(staging, quantized)
-            gate = GATES_DB["fp16"] if method == "fp16" else None
-            details["parity"] = check_bundle(staging, reference, "fp32 bundle", None, gate)
-            write_manifest(staging, quantized)
-        return Path(out_dir)
-
-
-# -- fixed inputs and their reference outputs ---------------------------------------------------
-def example_inputs(spec: ComponentSpec, pipeline: OneStepPipeline, batch: int = 2) -> tuple:
-    """Inputs to trace with: batch 2 (a batch-1 example fixes the VAE decoder's batch axis)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    tensors = []
-    for tensor in spec.inputs:
-        shape = [batch if isinstance(size, str) else size for size in tensor.shape]
-        if tensor.dtype == "int64":
-            value = torch.randint(0, len(pipeline.tokenizer), shape, generator=generator)
-        elif tensor.name == "timestep":
-            value = torch.full(shape, ONE_STEP_TIMESTEP)
+        precision: str,
+        calibration: Any,
+        reference: dict[str, np.ndarray],
+        options: OnnxQuantizeOptions,
+        notes: dict[str, Any],
+    ) -> bool:
+        if method == "fp16":
+            kept = convert_to_fp16(source, dest, reference, spec)
+            if kept:
+                notes["fp32_nodes"] = kept
+        elif method == "int8-static":
+            feeds = calibration_feeds(calibration, spec)
+            quantize_static_qdq(source, dest, feeds, options.calibration_method)
         else:
-            value = torch.randn(shape, generator=generator)
-        tensors.append(value.to(pipeline.device))
-    return tuple(tensors)
+            quantize_dynamic_int8(source, dest, all_ops=method == "int8-dynamic-all")
+        return True
 
 
 # -- writing graphs -----------------------------------------------------------------------------
-def export_graph(module, spec: ComponentSpec, path: Path, inputs: tuple) -> Path:
-    """torch.onnx.export with the spec's names and dynamic axes; weights over 2 GB go to one
-    external data file (the exporter itself scatters them over one file per tensor)."""
-    import onnx
+def export_graph(module, spec: ComponentSpec, path: Path, example: dict[str, np.ndarray]) -> Path:
+    """torch.onnx.export into an empty folder, with the spec's names and dynamic axes (the
+    exporter itself scatters weights over 2 GB over one file per tensor beside the graph)."""
     import torch
 
-    scratch = path.parent.with_name(f".{path.parent.name}.scratch")
-    scratch.mkdir(parents=True)
     tensors = (*spec.inputs, *spec.outputs)
     dynamic_axes = {
         t.name: {i: size for i, size in enumerate(t.shape) if isinstance(size, str)}
         for t in tensors
     }
+    inputs = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", torch.jit.TracerWarning
-        )  # shape asserts, traced as constants
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts, as constants
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter
         torch.onnx.export(
             module,
             inputs,
-            str(scratch / MODEL_FILE),
+            str(path),
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
-            dynamic_axes=dynamic_axes,
+            dynamic_axes=dynamic_axes or None,
             opset_version=OPSET,
             dynamo=False,
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if [p.name for p in scratch.iterdir()] == [MODEL_FILE]:
-        (scratch / MODEL_FILE).replace(path)
-    else:
-        save_onnx(onnx.load(str(scratch / MODEL_FILE)), path)
-    shutil.rmtree(scratch)
     return path
 
 
@@ -281,13 +183,7 @@ def save_onnx(model, path: Path) -> Path:
     return path
 
 
-def extra_files(bundle: Path, component: str) -> list[str]:
-    """The files a component's graph needs beside model.onnx (its external data)."""
-    folder = bundle / component
-    return sorted(f"{component}/{p.name}" for p in folder.iterdir() if p.name != MODEL_FILE)
-
-
-def write_model_index(staging: Path, modules: dict) -> str:
+def write_model_index(staging: Path, specs: dict[str, ComponentSpec]) -> str:
     """optimum's model_index.json: which folders hold which pipeline parts."""
     import diffusers
 
@@ -299,7 +195,7 @@ def write_model_index(staging: Path, modules: dict) -> str:
         "unet": ["optimum", "ORTModelUnet"],
         "vae_decoder": ["optimum", "ORTModelVaeDecoder"],
     }
-    if "generator" in modules:
+    if "generator" in specs:
         index["generator"] = ["instaflow_edge", "OneStepGenerator"]
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return "model_index.json"
@@ -512,25 +408,3 @@ def calibration_feeds(calibration, spec: ComponentSpec) -> Iterator[dict[str, np
 
 def _has_external_data(path: Path) -> bool:
     return (path.parent / EXTERNAL_DATA_FILE).exists() or any(path.parent.glob("*.data"))
-
-
-# -- parity -------------------------------------------------------------------------------------
-def check_bundle(
-    bundle: Path,
-    reference: dict[str, dict[str, np.ndarray]],
-    against: str,
-    device: str | None,
-    gate_db: float | None,
-) -> dict[str, Any]:
-    """Run each graph of a just-written bundle on the reference inputs, log and return the numbers.
-
-    gate_db: tensor PSNR floor per component (None for int8: the gate is end-to-end image PSNR).
-    """
-    try:
-        session = OnnxRuntime().load(bundle, device or "cpu", fused=False)
-    except RuntimeUnavailable as error:
-        logger.warning("parity not checked here: %s", error)
-        return {"skipped": str(error)}
-    parity = session_parity("onnx", session, reference, against)
-    warn_below_gates(parity, gate_db)
-    return json_safe(parity)

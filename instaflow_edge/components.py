@@ -1,22 +1,27 @@
-"""The inputs and outputs of each exported component, declared once as data.
+"""The exportable components of a one-step model, declared once as data (optimum-style).
 
-Export, validation and the bundle manifest all read these specs, in the manner of optimum's
-exporter configs. Axis sizes are ints, or strings naming a dynamic axis ("batch").
+Each `Component` says how to build its torch module from a pipeline, which tensors go in and out
+(names, shapes with a dynamic "batch" axis, dtypes) and which outputs parity compares. Export,
+validation, the manifest, the runtimes, calibration and the tests all read these declarations.
+A target's own naming of files lives in its exporter (`Exporter.layout`), so adding a target
+edits nothing here. No torch import: edge runtimes read the specs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from importlib import import_module
 from typing import Any
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+BATCH = "batch"  # the name of the dynamic batch axis
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
-    dtype: str  # numpy dtype name: "int64", "float32", "float16", "uint8"
+    dtype: str  # numpy dtype name: "int64", "int32", "float32", "float16", "uint8"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -28,6 +33,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ComponentSpec:
+    """One component's tensors as a graph takes and gives them."""
+
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -46,6 +53,29 @@ class ComponentSpec:
             outputs=tuple(TensorSpec.from_dict(spec) for spec in data["outputs"]),
         )
 
+    def with_batch(self, batch: int | None) -> ComponentSpec:
+        """The spec with its batch axis fixed to `batch` (a static graph), or dynamic (None)."""
+        if batch is None:
+            return self
+        return self._map(
+            lambda t: replace(t, shape=tuple(batch if d == BATCH else d for d in t.shape))
+        )
+
+    def with_dtypes(self, dtypes: dict[str, str]) -> ComponentSpec:
+        """The spec with tensor dtypes renamed (e.g. {"int64": "int32"} where a target has no int64)."""
+        return self._map(lambda t: replace(t, dtype=dtypes.get(t.dtype, t.dtype)))
+
+    def _map(self, change: Callable[[TensorSpec], TensorSpec]) -> ComponentSpec:
+        return replace(
+            self, inputs=tuple(map(change, self.inputs)), outputs=tuple(map(change, self.outputs))
+        )
+
+    @property
+    def static_batch(self) -> int | None:
+        """The fixed batch size of a static graph, or None when the batch axis is dynamic."""
+        first = self.inputs[0].shape[0]
+        return None if isinstance(first, str) else int(first)
+
 
 @dataclass(frozen=True)
 class ModelShapes:
@@ -60,43 +90,95 @@ class ModelShapes:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    @property
+    def latent(self) -> tuple[int | str, ...]:
+        return (BATCH, self.latent_channels, self.latent_size, self.latent_size)
 
-def component_specs(shapes: ModelShapes, float_dtype: str = "float32") -> dict[str, ComponentSpec]:
-    """The three components of a one-step model, with optimum's tensor names and a dynamic batch."""
-    latent = ("batch", shapes.latent_channels, shapes.latent_size, shapes.latent_size)
-    text = ("batch", shapes.text_length, shapes.text_hidden)
-    image = ("batch", 3, shapes.image_size, shapes.image_size)
-    return {
-        "text_encoder": ComponentSpec(
+    @property
+    def text(self) -> tuple[int | str, ...]:
+        return (BATCH, self.text_length, self.text_hidden)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One exportable part: its torch module (built from a pipeline) and its tensors.
+
+    `module` is "module:Class" of an `nn.Module` taking the pipeline (imported only on export);
+    `tensors(shapes)` gives (inputs, outputs); `fused` marks the optional one-graph generator,
+    which has no PyTorch counterpart of its own and is compared on its image.
+    """
+
+    name: str
+    module: str
+    tensors: Callable[[ModelShapes], tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
+    fused: bool = False
+
+    def spec(self, shapes: ModelShapes) -> ComponentSpec:
+        inputs, outputs = self.tensors(shapes)
+        return ComponentSpec(self.name, inputs, outputs)
+
+    def build(self, pipeline) -> Any:
+        """The torch module to convert, in eval mode."""
+        module_name, class_name = self.module.split(":")
+        return getattr(import_module(module_name), class_name)(pipeline).eval()
+
+
+def _f32(name: str, shape: tuple[int | str, ...]) -> TensorSpec:
+    return TensorSpec(name, shape, "float32")
+
+
+def _ids(shapes: ModelShapes) -> TensorSpec:
+    return TensorSpec("input_ids", (BATCH, shapes.text_length), "int64")
+
+
+_MODULES = "instaflow_edge.exportable"
+COMPONENTS: dict[str, Component] = {
+    component.name: component
+    for component in (
+        Component(
             "text_encoder",
-            inputs=(TensorSpec("input_ids", ("batch", shapes.text_length), "int64"),),
-            outputs=(TensorSpec("last_hidden_state", text, float_dtype),),
+            f"{_MODULES}:TextEncoder",
+            lambda s: ((_ids(s),), (_f32("last_hidden_state", s.text),)),
         ),
-        "unet": ComponentSpec(
+        Component(
             "unet",
-            inputs=(
-                TensorSpec("sample", latent, float_dtype),
-                TensorSpec("timestep", ("batch",), float_dtype),
-                TensorSpec("encoder_hidden_states", text, float_dtype),
+            f"{_MODULES}:Unet",
+            lambda s: (
+                (
+                    _f32("sample", s.latent),
+                    _f32("timestep", (BATCH,)),
+                    _f32("encoder_hidden_states", s.text),
+                ),
+                (_f32("out_sample", s.latent),),
             ),
-            outputs=(TensorSpec("out_sample", latent, float_dtype),),
         ),
-        "vae_decoder": ComponentSpec(
+        Component(
             "vae_decoder",
-            inputs=(TensorSpec("latent_sample", latent, float_dtype),),
-            outputs=(TensorSpec("sample", image, float_dtype),),
+            f"{_MODULES}:VaeDecoder",
+            lambda s: (
+                (_f32("latent_sample", s.latent),),
+                (_f32("sample", (BATCH, 3, s.image_size, s.image_size)),),
+            ),
         ),
-    }
-
-
-def generator_spec(shapes: ModelShapes) -> ComponentSpec:
-    """The fused one-step generator: token ids and noise in, a uint8 NHWC image out."""
-    latent = ("batch", shapes.latent_channels, shapes.latent_size, shapes.latent_size)
-    return ComponentSpec(
-        "generator",
-        inputs=(
-            TensorSpec("input_ids", ("batch", shapes.text_length), "int64"),
-            TensorSpec("noise", latent, "float32"),
+        Component(
+            "generator",
+            f"{_MODULES}:OneStepGenerator",
+            lambda s: (
+                (_ids(s), _f32("noise", s.latent)),
+                (TensorSpec("image", (BATCH, s.image_size, s.image_size, 3), "uint8"),),
+            ),
+            fused=True,
         ),
-        outputs=(TensorSpec("image", ("batch", shapes.image_size, shapes.image_size, 3), "uint8"),),
     )
+}
+# the three components of the recipe, in the order it runs them
+RECIPE = tuple(name for name, component in COMPONENTS.items() if not component.fused)
+
+
+def component_specs(shapes: ModelShapes, fused: bool = False) -> dict[str, ComponentSpec]:
+    """The specs of the recipe's components (and of the fused generator when asked)."""
+    return {
+        name: component.spec(shapes)
+        for name, component in COMPONENTS.items()
+        if fused or not component.fused
+    }

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# The UNet's timestep input is (1 - t) * 1000: pure noise (t = 0) is timestep 1000,
-# the one-step model's only operating point.
-ONE_STEP_TIMESTEP = 1000.0
+from instaflow_edge.recipe import ONE_STEP_TIMESTEP
 
 
 def unet_timestep(t: torch.Tensor | float) -> torch.Tensor | float:

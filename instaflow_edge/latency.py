@@ -82,6 +82,7 @@ def environment(bundle: Session, reference: Session, device: str) -> dict[str, A
 
     return {
         "device": device,
+        "runtime": bundle.settings(),
         "bundle_executed_on": bundle.executed_on,
         "reference_executed_on": reference.executed_on,
         "threads": {

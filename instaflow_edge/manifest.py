@@ -1,6 +1,6 @@
 """The bundle manifest: read, write and verify `manifest.json` (DESIGN.md section 4).
 
-Imports only the standard library, so edge runtimes can verify a bundle without torch.
+Imports only the standard library and numpy, so edge runtimes can verify a bundle without torch.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 from instaflow_edge.atomic import atomic_file
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
+from instaflow_edge.jsonio import dumps
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest names the runtime module that runs the bundle
 MANIFEST_NAME = "manifest.json"
 TRACKED_LIBRARIES = (
     "instaflow-edge",
@@ -64,6 +65,7 @@ class ComponentEntry:
 @dataclass
 class Manifest:
     target: str
+    runtime: str  # the module in `instaflow_edge.runtimes` that runs this bundle
     precision: str
     source_model: dict[str, str]
     sampling: SamplingRecipe
@@ -89,6 +91,7 @@ class Manifest:
             "library_versions": self.library_versions,
             "source_model": self.source_model,
             "target": self.target,
+            "runtime": self.runtime,
             "precision": self.precision,
             "quantization": self.quantization,
             "sampling": vars(self.sampling),
@@ -108,6 +111,7 @@ class Manifest:
             library_versions=data["library_versions"],
             source_model=data["source_model"],
             target=data["target"],
+            runtime=data["runtime"],
             precision=data["precision"],
             quantization=data["quantization"],
             sampling=SamplingRecipe(**data["sampling"]),
@@ -161,7 +165,7 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
     manifest.toolkit_version = manifest.library_versions.get("instaflow-edge", "0.0.0+source")
     path = Path(bundle_dir) / MANIFEST_NAME
     with atomic_file(path) as staging:
-        staging.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        staging.write_text(dumps(manifest.to_dict()))
     return path
 
 

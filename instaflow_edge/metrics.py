@@ -38,8 +38,21 @@ def image_psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     return _psnr(255.0, math.sqrt(float(np.mean(diff**2))))
 
 
+def image_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """max-abs (in 8-bit levels), image PSNR and SSIM of uint8 NHWC images."""
+    diff = np.abs(reference.astype(np.int16) - candidate.astype(np.int16))
+    return {
+        "max_abs": float(diff.max()),
+        "image_psnr_db": image_psnr(reference, candidate),
+        "ssim": ssim(reference, candidate),
+    }
+
+
 def ssim(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean SSIM of 8-bit images (NHWC uint8): 7x7 uniform windows, per channel (Wang et al. 2004)."""
+    """Mean SSIM of 8-bit images (NHWC uint8): 7x7 uniform windows, per channel (Wang et al. 2004).
+
+    Written here: no installed library computes it (scikit-image, which matches this definition
+    with `win_size=7`, is not a dependency; torchmetrics' default is an 11x11 Gaussian window)."""
     x = reference.astype(np.float64)
     y = candidate.astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2

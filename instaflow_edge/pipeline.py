@@ -16,8 +16,9 @@ from PIL import Image
 from instaflow_edge.atomic import atomic_directory
 from instaflow_edge.components import ModelShapes
 from instaflow_edge.errors import UserError
-from instaflow_edge.flow import ONE_STEP_TIMESTEP, euler_times, unet_timestep
+from instaflow_edge.flow import euler_times, unet_timestep
 from instaflow_edge.models import LoadedModel, load_model
+from instaflow_edge.recipe import ONE_STEP_TIMESTEP, one_step, to_uint8, unit_interval
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,17 @@ class OneStepPipeline:
         return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
 
     @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decoder on the flow's latents (divided by the scaling factor first): NCHW in [-1, 1]."""
+        return self.vae.decode(latents / self.scaling_factor).sample.float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decoder: latents to images in [0, 1], NCHW float."""
-        images = self.vae.decode(latents / self.scaling_factor).sample
-        return (images / 2 + 0.5).clamp(0, 1)
+        return unit_interval(self.decode_latents(latents))
+
+    def decode_to_uint8(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE decoder: latents to uint8 NHWC images, as every runtime makes them."""
+        return to_uint8(self.decode_latents(latents)).cpu().numpy()
 
     @torch.no_grad()
     def sample_latents(
@@ -203,22 +211,17 @@ class OneStepPipeline:
     ) -> dict[str, dict[str, np.ndarray]]:
         """Every component's inputs and outputs, by the names of `components.component_specs`,
         for one one-step generation: what parity checks compare and calibration sets record."""
-        text_states = self.encode_prompt(input_ids)
         noise = noise.to(self.device, self.dtype)
         timestep = torch.full((noise.shape[0],), ONE_STEP_TIMESTEP, device=self.device)
-        velocity = self.velocity(noise, timestep, text_states)
-        latent_sample = (noise + velocity) / self.scaling_factor
-        decoded = self.vae.decode(latent_sample).sample
-        tensors = {
-            "text_encoder": {"input_ids": input_ids, "last_hidden_state": text_states},
-            "unet": {
-                "sample": noise,
-                "timestep": timestep,
-                "encoder_hidden_states": text_states,
-                "out_sample": velocity,
-            },
-            "vae_decoder": {"latent_sample": latent_sample, "sample": decoded},
-        }
+        tensors = one_step(
+            self.encode_prompt,
+            self.velocity,
+            lambda latent_sample: self.vae.decode(latent_sample).sample,
+            input_ids,
+            noise,
+            timestep,
+            self.scaling_factor,
+        )
         return {
             component: {name: value.detach().cpu().numpy() for name, value in named.items()}
             for component, named in tensors.items()
@@ -269,18 +272,11 @@ class OneStepPipeline:
             )
         text_states = self.encode_prompt(input_ids)
         latents = self.sample_latents(noise, text_states, num_steps, guidance_scale)
-        images = self.decode(latents)
         if output_type == "pt":
-            return images
-        array = to_uint8(images)
+            return self.decode(latents)
+        array = self.decode_to_uint8(latents)
         if output_type == "np":
             return array
         if output_type == "pil":
             return [Image.fromarray(image) for image in array]
         raise ValueError(f"unknown output_type {output_type!r}")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float NCHW images in [0, 1] to uint8 NHWC, rounding to nearest."""
-    array = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).cpu().numpy()

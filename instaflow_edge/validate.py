@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,57 +14,22 @@ from tqdm import tqdm
 
 from instaflow_edge import __version__
 from instaflow_edge.components import ComponentSpec
-from instaflow_edge.flow import ONE_STEP_TIMESTEP
+from instaflow_edge.gates import Gates, failure_line, failures_of, number
 from instaflow_edge.latency import compare_latency, environment
 from instaflow_edge.manifest import Manifest, read_manifest
 from instaflow_edge.metrics import image_psnr, ssim, tensor_metrics
-from instaflow_edge.runtimes import Session, load_session
-from instaflow_edge.runtimes.base import images_to_uint8
+from instaflow_edge.recipe import ONE_STEP_TIMESTEP, with_generator
+from instaflow_edge.runtimes import RuntimeOptions, Session, load_session
 from instaflow_edge.runtimes.torch_ref import TorchSession, load_reference
 
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA_VERSION = 1
-# DESIGN.md section 5; a gate that is None is not checked. NaN or Inf in any output always fails.
-DEFAULT_GATES = {
-    "fp32": {"min_tensor_psnr_db": 60.0},
-    "fp16": {"min_tensor_psnr_db": 35.0},
-    "quantized": {"min_image_psnr_db": 25.0, "min_unet_cosine": 0.95},
-}
-GATE_NAMES = ("min_tensor_psnr_db", "min_image_psnr_db", "min_unet_cosine")
 
 
-@dataclass
-class Gates:
-    """The thresholds a bundle must meet, the bundle kind they default from, and what was overridden."""
-
-    basis: str
-    min_tensor_psnr_db: float | None = None
-    min_image_psnr_db: float | None = None
-    min_unet_cosine: float | None = None
-    overridden: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "nan_or_inf_fails": True}
-
-
-def gate_basis(manifest: Manifest) -> str:
-    """The bundle's kind for the default gates: quantized (a method other than fp16), fp16, fp32."""
-    if manifest.quantization not in (None, "fp16") or manifest.precision not in ("fp32", "fp16"):
-        return "quantized"
-    return "fp16" if "fp16" in (manifest.precision, manifest.quantization) else "fp32"
-
-
-def resolve_gates(manifest: Manifest, overrides: dict[str, float | None] | None = None) -> Gates:
-    """The default gates for the bundle's kind, with `overrides` (None: gate off) applied on top."""
-    basis = gate_basis(manifest)
-    gates = Gates(basis=basis, **DEFAULT_GATES[basis])
-    for name, value in (overrides or {}).items():
-        if name not in GATE_NAMES:
-            raise ValueError(f"unknown gate {name!r}")
-        setattr(gates, name, value)
-        gates.overridden.append(name)
-    return gates
+def bundle_gates(manifest: Manifest, overrides: dict[str, float | None] | None = None) -> Gates:
+    """The gates for this bundle's kind, with overrides applied."""
+    return Gates.for_bundle(manifest.precision, manifest.quantization, overrides)
 
 
 @dataclass
@@ -87,20 +51,23 @@ def validate_bundle(
     reference_model: str | None = None,
     seed: int = 0,
     device: str = "cpu",
+    reference_device: str = "cpu",
+    runtime_options: RuntimeOptions | dict | None = None,
     runs: int = 10,
     warmup: int = 2,
     gate_overrides: dict[str, float | None] | None = None,
 ) -> Validation:
     """Compare the bundle with the PyTorch reference on the same token ids and noise (seed+i).
 
-    The bundle's files are checked against their sha256 before anything runs.
+    The bundle's files are checked against their sha256 before anything runs; it runs on
+    `device` with its runtime's `runtime_options`, PyTorch on `reference_device`.
     """
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    gates = resolve_gates(manifest, gate_overrides)
-    bundle = load_session(bundle_dir, device)  # verifies every file's sha256 first
+    gates = bundle_gates(manifest, gate_overrides)
+    bundle = load_session(bundle_dir, device, runtime_options)  # verifies sha256 first
     reference_id = reference_model or manifest.source_model.get("id")
-    reference = load_reference(reference_id, device)
+    reference = load_reference(reference_id, reference_device)
     reference_info = _check_reference(reference, reference_id, manifest)
 
     seeds = list(range(seed, seed + len(prompts)))
@@ -114,12 +81,7 @@ def validate_bundle(
     )
     latency = compare_latency(bundle, reference, feeds, input_ids[:1], noise[:1], runs, warmup)
 
-    failures = [
-        {"where": where, **check}
-        for where, result in [*components.items(), ("end_to_end", end_to_end)]
-        for check in result.get("checks", [])
-        if not check["passed"]
-    ]
+    failures = failures_of({**components, "end_to_end": end_to_end})
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool": "instaflow-edge validate",
@@ -156,7 +118,7 @@ def skipped_report(bundle_dir: Path, device: str, reason: str) -> dict[str, Any]
         "bundle": bundle_info(Path(bundle_dir), manifest),
         "reference": None,
         "inputs": None,
-        "gates": resolve_gates(manifest).to_dict(),
+        "gates": bundle_gates(manifest).to_dict(),
         "components": {},
         "end_to_end": None,
         "latency": None,
@@ -168,6 +130,7 @@ def bundle_info(bundle_dir: Path, manifest: Manifest) -> dict[str, Any]:
     return {
         "path": str(bundle_dir.resolve()),
         "target": manifest.target,
+        "runtime": manifest.runtime,
         "precision": manifest.precision,
         "quantization": manifest.quantization,
         "source_model": manifest.source_model,
@@ -200,10 +163,8 @@ def reference_io(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every reference component's inputs and outputs for one generation (`component_io`), and
     those of a fused "generator" (token ids and noise in, the uint8 NHWC image out)."""
-    recorded = reference.pipeline.component_io(torch.from_numpy(input_ids), torch.from_numpy(noise))
-    image = images_to_uint8(recorded["vae_decoder"]["sample"])
-    recorded["generator"] = {"input_ids": input_ids, "noise": noise, "image": image}
-    return recorded
+    ids, latents = torch.from_numpy(input_ids), torch.from_numpy(noise)
+    return with_generator(reference.pipeline.component_io(ids, latents))
 
 
 def component_feeds(
@@ -259,7 +220,7 @@ def compare_components(
         results[name] = {
             "compared": True,
             "outputs": metrics,
-            "checks": _component_checks(name, metrics, gates),
+            "checks": gates.tensor_checks(name, metrics),
         }
     return results, first_feeds, np.concatenate(reference_images)
 
@@ -271,29 +232,6 @@ def _not_comparable(spec: ComponentSpec, recorded: dict[str, np.ndarray] | None)
     if missing:
         return f"tensors {', '.join(missing)} have no PyTorch counterpart: checked end to end"
     return None
-
-
-def _component_checks(component: str, metrics: dict[str, dict], gates: Gates) -> list[dict]:
-    checks = []
-    for output, values in metrics.items():
-        checks.append(_check(f"{output} finite (no NaN/Inf)", values["finite"], True))
-        if not values["finite"]:
-            continue  # the other numbers are NaN: one failure says it all
-        if gates.min_tensor_psnr_db is not None:
-            checks.append(
-                _check(f"{output} tensor PSNR", values["psnr_db"], gates.min_tensor_psnr_db, "dB")
-            )
-        if component == "unet" and gates.min_unet_cosine is not None:
-            checks.append(_check(f"{output} cosine", values["cosine"], gates.min_unet_cosine))
-    return checks
-
-
-def _check(gate: str, value: float | bool, threshold: float | bool, unit: str = "") -> dict:
-    if isinstance(threshold, bool):
-        passed = bool(value) is threshold
-    else:
-        passed = not math.isnan(value) and value >= threshold
-    return {"gate": gate, "value": value, "threshold": threshold, "unit": unit, "passed": passed}
 
 
 def compare_images(
@@ -327,34 +265,20 @@ def compare_images(
         ],
         "checks": [],
     }
-    if gates.min_image_psnr_db is not None:
-        result["checks"].append(
-            _check("image PSNR", result["image_psnr_db"], gates.min_image_psnr_db, "dB")
-        )
+    result["checks"] = gates.image_checks(result)
     return result, bundle_array
 
 
 def summary_line(failures: list[dict], components: dict, end_to_end: dict) -> str:
     """One line: what failed (component and gate) or, when all passed, the headline numbers."""
     if failures:
-        parts = [
-            f"{f['where']}: {f['gate']} failed"
-            if isinstance(f["threshold"], bool)
-            else f"{f['where']}: {f['gate']} {_number(f['value'])} < {_number(f['threshold'])}"
-            f"{' ' + f['unit'] if f['unit'] else ''}"
-            for f in failures
-        ]
-        return "FAILED " + "; ".join(parts)
+        return "FAILED " + failure_line(failures)
     psnrs = [
-        f"{name} {_number(min(m['psnr_db'] for m in result['outputs'].values()))} dB"
+        f"{name} {number(min(m['psnr_db'] for m in result['outputs'].values()))} dB"
         for name, result in components.items()
         if result["compared"]
     ]
     return (
         f"passed: tensor PSNR {', '.join(psnrs) or 'not compared'}; "
-        f"image PSNR {_number(end_to_end['image_psnr_db'])} dB, SSIM {end_to_end['ssim']:.4f}"
+        f"image PSNR {number(end_to_end['image_psnr_db'])} dB, SSIM {end_to_end['ssim']:.4f}"
     )
-
-
-def _number(value: float) -> str:
-    return f"{value:.2f}" if math.isfinite(value) else str(value)

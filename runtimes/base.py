@@ -7,20 +7,39 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from instaflow_edge.components import ComponentSpec
+from instaflow_edge.components import COMPONENTS, ComponentSpec, ModelShapes
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest, SamplingRecipe, verify_bundle
+from instaflow_edge.options import Options, option
+from instaflow_edge.recipe import one_step, to_uint8
 
 logger = logging.getLogger(__name__)
 
 
+# (component, output) -> the dtype every session returns, whatever the graph computes in
+CONTRACT_DTYPES = {
+    (name, tensor.name): tensor.dtype
+    for name, component in COMPONENTS.items()
+    for tensor in component.spec(ModelShapes(1, 1, 1, 1, 1)).outputs
+}
+
+
 class RuntimeUnavailable(UserError):
     """This runtime cannot run here: not installed, wrong OS, or the device is absent."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions(Options):
+    """Options of every runtime."""
+
+    fused: bool = option(True, "generate with the bundle's fused one-graph generator if it has one")
 
 
 class Session(ABC):
@@ -33,6 +52,11 @@ class Session(ABC):
     runtime: str
     executed_on: str
     recipe: SamplingRecipe
+    options: RuntimeOptions
+
+    def settings(self) -> dict[str, object]:
+        """What this session runs with, for reports: the options asked for and what ran."""
+        return {"runtime": self.runtime, "executed_on": self.executed_on, **self.options.to_dict()}
 
     @abstractmethod
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -45,24 +69,22 @@ class Session(ABC):
     def component_io(
         self, input_ids: np.ndarray, noise: np.ndarray
     ) -> dict[str, dict[str, np.ndarray]]:
-        """Every component's inputs and outputs for one one-step generation, as
-        `OneStepPipeline.component_io` gives them, computed by this session."""
-        input_ids = input_ids.astype(np.int64)
+        """Every component's inputs and outputs for one one-step generation (`recipe.one_step`),
+        computed by this session, as `OneStepPipeline.component_io` gives them."""
         noise = noise.astype(np.float32)
-        states = self.run("text_encoder", {"input_ids": input_ids})["last_hidden_state"]
-        unet_feeds = {
-            "sample": noise,
-            "timestep": np.full((noise.shape[0],), self.recipe.timestep, dtype=np.float32),
-            "encoder_hidden_states": states,
-        }
-        velocity = self.run("unet", unet_feeds)["out_sample"].astype(np.float32)
-        latent_sample = (noise + velocity) / np.float32(self.recipe.vae_scaling_factor)
-        decoded = self.run("vae_decoder", {"latent_sample": latent_sample})["sample"]
-        return {
-            "text_encoder": {"input_ids": input_ids, "last_hidden_state": states},
-            "unet": {**unet_feeds, "out_sample": velocity},
-            "vae_decoder": {"latent_sample": latent_sample, "sample": decoded},
-        }
+        return one_step(
+            lambda ids: self.run("text_encoder", {"input_ids": ids})["last_hidden_state"],
+            lambda sample, timestep, states: self.run(
+                "unet", {"sample": sample, "timestep": timestep, "encoder_hidden_states": states}
+            )["out_sample"].astype(np.float32),
+            lambda latent_sample: self.run("vae_decoder", {"latent_sample": latent_sample})[
+                "sample"
+            ],
+            input_ids.astype(np.int64),
+            noise,
+            np.full((noise.shape[0],), self.recipe.timestep, dtype=np.float32),
+            np.float32(self.recipe.vae_scaling_factor),
+        )
 
     def prepare(self, component: str, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
         """A call that runs `component` on `feeds`, for timing; a runtime that binds inputs on
@@ -71,18 +93,18 @@ class Session(ABC):
 
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """The one-step recipe from components: uint8 NHWC images from token ids and noise."""
-        return images_to_uint8(self.component_io(input_ids, noise)["vae_decoder"]["sample"])
+        return to_uint8(self.component_io(input_ids, noise)["vae_decoder"]["sample"])
 
 
 class BundleSession(Session):
     """A session over an exported bundle: it tokenizes with the bundle's own `tokenizer.json`
     and, when the bundle holds a fused generator and it was asked for, generates in one call."""
 
-    fused: bool = False
-
-    def attach_bundle(self, bundle: Path, manifest: Manifest) -> None:
-        """Keep the manifest, its sampling recipe and component specs; load the tokenizer."""
+    def attach_bundle(self, bundle: Path, manifest: Manifest, options: RuntimeOptions) -> None:
+        """Keep the manifest, its sampling recipe, component specs and options; load the tokenizer."""
         self.manifest = manifest
+        self.options = options
+        self.fused = options.fused and "generator" in manifest.components
         self.recipe = manifest.sampling
         self.specs: dict[str, ComponentSpec] = {
             name: entry.spec for name, entry in manifest.components.items()
@@ -101,22 +123,77 @@ class BundleSession(Session):
                 )
         return np.array([encoding.ids for encoding in encodings], dtype=np.int64)
 
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a component by its tensor names: inputs cast to the graph's dtypes, outputs to the
+        contract's (float32; uint8 pixels); a static batch-1 graph fed a batch runs per sample."""
+        if component not in self.specs:
+            raise UserError(
+                f"this bundle has no component {component!r}; it has {', '.join(self.specs)}"
+            )
+        spec = self.specs[component]
+        missing = [t.name for t in spec.inputs if t.name not in feeds]
+        if missing:
+            raise UserError(f"{component} needs input(s) {', '.join(missing)}")
+        inputs = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec.inputs}
+        batch = len(next(iter(inputs.values())))
+        if spec.static_batch == 1 and batch > 1:
+            parts = [
+                self.infer(component, {k: v[i : i + 1] for k, v in inputs.items()})
+                for i in range(batch)
+            ]
+            outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        else:
+            outputs = self.infer(component, inputs)
+        return {
+            name: value.astype(CONTRACT_DTYPES[component, name]) for name, value in outputs.items()
+        }
+
+    @abstractmethod
+    def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph on inputs already in its dtypes and batch; outputs by tensor name."""
+
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """With a fused generator (and fused=True at load): one graph call; else three graphs."""
+        """With a fused generator (and option fused): one graph call; else three graphs."""
         if self.fused:
             return self.run("generator", {"input_ids": input_ids, "noise": noise})["image"]
         return super().generate(input_ids, noise)
 
 
 class Runtime(ABC):
-    """One runtime (ONNX Runtime, OpenVINO, Core ML, the PyTorch reference)."""
+    """One runtime (ONNX Runtime, OpenVINO, Core ML, the PyTorch reference).
 
-    name: str
+    A runtime module in `instaflow_edge.runtimes` defines one subclass; a bundle's manifest names
+    the module (`runtime`), and `runtimes.load_session` finds the class there.
+    """
+
+    name: str  # its module's name in instaflow_edge.runtimes, as manifests record it
     target: str  # the bundle target it runs
+    options: type[RuntimeOptions] = RuntimeOptions
+
+    def load(
+        self,
+        bundle: Path,
+        device: str = "cpu",
+        options: RuntimeOptions | Mapping[str, Any] | None = None,
+        **settings: Any,
+    ) -> Session:
+        """Verify every file of the bundle against its manifest, then open it on `device`.
+
+        `options` is this runtime's options class, or a mapping of its fields; keyword
+        `settings` are fields too (`load(bundle, "cpu", fused=False)`).
+        """
+        if options is None or isinstance(options, Mapping):
+            options = self.options.from_mapping({**(options or {}), **settings})
+        elif settings:
+            options = self.options.from_mapping({**options.to_dict(), **settings})
+        bundle = Path(bundle)
+        return self.open(bundle, self.verify(bundle), device, options)
 
     @abstractmethod
-    def load(self, bundle: Path, device: str = "cpu", **options) -> Session:
-        """Verify the bundle's files against its manifest, then load it for `device`."""
+    def open(
+        self, bundle: Path, manifest: Manifest, device: str, options: RuntimeOptions
+    ) -> Session:
+        """Open a verified bundle on `device` with these options."""
 
     def verify(self, bundle: Path) -> Manifest:
         manifest = verify_bundle(bundle)
@@ -125,12 +202,6 @@ class Runtime(ABC):
                 f"bundle {bundle} is for target {manifest.target!r}, not {self.target!r}"
             )
         return manifest
-
-
-def images_to_uint8(decoded: np.ndarray) -> np.ndarray:
-    """VAE output NCHW in [-1, 1] to uint8 NHWC, as `pipeline.to_uint8` does (round half to even)."""
-    images = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0, 1)
-    return np.round(images * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def load_bundle_tokenizer(bundle: Path, max_length: int):

@@ -8,21 +8,37 @@ they check the converted program itself, op by op, in its own precision. Imports
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
+from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import (
     BundleSession,
     Runtime,
+    RuntimeOptions,
     RuntimeUnavailable,
     Session,
 )
 
 INTERPRETER = f"MIL interpreter ({platform.system()})"
 DEVICE_NAMES = ("cpu", "coreml", "coreml-device")
+COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
+
+
+@dataclass(frozen=True)
+class CoreMLOptions(RuntimeOptions):
+    """Core ML options."""
+
+    compute_units: str | None = option(
+        None, "compute units for Core ML prediction (default: the bundle's)", COMPUTE_UNITS
+    )
+    require_device: bool = option(
+        False, "refuse to fall back to the MIL interpreter off macOS (as device coreml-device)"
+    )
 
 
 def on_macos() -> bool:
@@ -74,51 +90,41 @@ def run_package(
 
 
 class CoreMLSession(BundleSession):
+    """One predictor per package; packages take batch 1, so a batch runs one sample at a time."""
+
     runtime = "coreml"
 
-    def __init__(self, bundle: Path, manifest: Manifest, compute_units: str, device: bool):
-        self.attach_bundle(bundle, manifest)
+    def __init__(
+        self, bundle: Path, manifest: Manifest, options: CoreMLOptions, compute_units: str
+    ):
+        self.attach_bundle(bundle, manifest, options)
         self.components = {
-            name: _Predictor(bundle / entry.file, compute_units, device)
+            name: _Predictor(bundle / entry.file, compute_units, device=on_macos())
             for name, entry in manifest.components.items()
         }
         self.executed_on = next(iter(self.components.values())).executed_on
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Core ML models here take batch 1: a batch runs one sample at a time, then stacks."""
-        if component not in self.components:
-            raise UserError(
-                f"this Core ML bundle has no {component!r}; it has {list(self.components)}"
-            )
-        batch = len(next(iter(feeds.values())))
-        results = [
-            self.components[component]({k: v[i : i + 1] for k, v in feeds.items()})
-            for i in range(batch)
-        ]
-        out = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-        if component == "generator":  # int32 pixels in the package; uint8 by the contract
-            return {"image": out["image"].astype(np.uint8)}
-        return {k: v.astype(np.float32) for k, v in out.items()}
+    def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.components[component](inputs)
 
 
 class CoreMLRuntime(Runtime):
     """Core ML bundles: `device` "cpu"/"coreml" runs Core ML where it exists (macOS), the MIL
-    interpreter elsewhere; "coreml-device" (or option require_device=True) insists on Core ML.
-    Option compute_units overrides the bundle's recorded ALL|CPU_AND_NE|CPU_AND_GPU|CPU_ONLY."""
+    interpreter elsewhere; "coreml-device" (or option require_device) insists on Core ML."""
 
     name = "coreml"
     target = "coreml"
+    options = CoreMLOptions
 
-    def load(self, bundle: Path, device: str = "cpu", **options) -> Session:
+    def open(
+        self, bundle: Path, manifest: Manifest, device: str, options: CoreMLOptions
+    ) -> Session:
         if device not in DEVICE_NAMES:
             raise UserError(f"unknown Core ML device {device!r}; use {', '.join(DEVICE_NAMES)}")
-        require = device == "coreml-device" or bool(options.get("require_device"))
-        if require and not on_macos():
+        if (device == "coreml-device" or options.require_device) and not on_macos():
             raise RuntimeUnavailable(
                 f"Core ML prediction runs only on macOS, not on {platform.system()}: "
                 "use device 'cpu' for the MIL interpreter's parity check instead"
             )
-        manifest = self.verify(Path(bundle))
-        recorded = manifest.details.get("coreml", {}).get("compute_units", "ALL")
-        compute_units = options.get("compute_units") or recorded
-        return CoreMLSession(Path(bundle), manifest, compute_units, device=on_macos())
+        recorded = manifest.details.get("options", {}).get("compute_units") or "ALL"
+        return CoreMLSession(bundle, manifest, options, options.compute_units or recorded)

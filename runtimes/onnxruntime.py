@@ -8,18 +8,42 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
-from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeUnavailable, Session
+from instaflow_edge.options import option
+from instaflow_edge.runtimes.base import (
+    BundleSession,
+    Runtime,
+    RuntimeOptions,
+    RuntimeUnavailable,
+    Session,
+)
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(RuntimeOptions):
+    """ONNX Runtime options."""
+
+    threads: int | None = option(None, "intra-op threads per graph (default: ONNX Runtime's)")
+    spinning: bool = option(
+        False,
+        "let idle threads spin for work (off by default: the three graphs run one after another, "
+        "and a spinning session took the CPU from the next one)",
+    )
+    graph_optimization: str = option(
+        "all", "ONNX Runtime's graph optimisation level at load", GRAPH_OPTIMIZATIONS
+    )
 
 
 def _onnxruntime():
@@ -41,18 +65,28 @@ def providers_for(device: str) -> list[str]:
         logger.warning("onnxruntime here has no CUDA provider: running on the CPU provider")
         return [CPU]
     if device != "cpu":
-        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+        raise UserError(f"unknown device {device!r} for onnxruntime: use cpu or cuda")
     return [CPU]
 
 
-def _options(ort, component: str):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
-    if component != "generator":
-        # the three graphs run one after another: a session's idle threads spinning for more work
-        # took the CPU from the next one (tiny model, 2 cores: end to end 23 ms spinning, 15 not)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+def _session_options(ort, component: str, options: OnnxRuntimeOptions):
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    level = ort.GraphOptimizationLevel
+    session_options.graph_optimization_level = {
+        "disable": level.ORT_DISABLE_ALL,
+        "basic": level.ORT_ENABLE_BASIC,
+        "extended": level.ORT_ENABLE_EXTENDED,
+        "all": level.ORT_ENABLE_ALL,
+    }[options.graph_optimization]
+    if options.threads is not None:
+        if options.threads < 1:
+            raise UserError("threads must be at least 1")
+        session_options.intra_op_num_threads = options.threads
+    if component != "generator" and not options.spinning:
+        # tiny model, 2 cores: end to end 23 ms with spinning threads, 15 ms without
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return session_options
 
 
 class OnnxSession(BundleSession):
@@ -64,12 +98,16 @@ class OnnxSession(BundleSession):
 
     runtime = "onnxruntime"
 
-    def __init__(self, bundle: Path, manifest: Manifest, providers: list[str], fused: bool):
+    def __init__(
+        self, bundle: Path, manifest: Manifest, providers: list[str], options: OnnxRuntimeOptions
+    ):
         ort = _onnxruntime()
-        self.attach_bundle(bundle, manifest)
+        self.attach_bundle(bundle, manifest, options)
         self.sessions = {
             name: ort.InferenceSession(
-                str(bundle / entry.file), _options(ort, name), providers=providers
+                str(bundle / entry.file),
+                _session_options(ort, name, options),
+                providers=providers,
             )
             for name, entry in manifest.components.items()
         }
@@ -77,7 +115,8 @@ class OnnxSession(BundleSession):
         self.executed_on = CUDA if ran == {CUDA} else CPU
         if providers[0] == CUDA and self.executed_on != CUDA:
             logger.warning("CUDA was asked for but the CUDA provider did not load: running on CPU")
-        self.fused = fused and "generator" in self.sessions
+        threads = {s.get_session_options().intra_op_num_threads for s in self.sessions.values()}
+        self.threads = (threads.pop() or None) if len(threads) == 1 else None
 
     @property
     def _device(self) -> str:
@@ -106,8 +145,8 @@ class OnnxSession(BundleSession):
 
         return call
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        binding = self.prepare(component, feeds)()
+    def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.prepare(component, inputs)()
         names = [spec.name for spec in self.specs[component].outputs]
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
@@ -117,16 +156,16 @@ class OnnxRuntime(Runtime):
 
     name = "onnxruntime"
     target = "onnx"
+    options = OnnxRuntimeOptions
 
-    def load(self, bundle: Path, device: str = "cpu", fused: bool = True, **options) -> Session:
-        """Verify every file's sha256, then open each graph; `fused` uses the generator if present."""
-        bundle = Path(bundle)
-        manifest = self.verify(bundle)
+    def open(
+        self, bundle: Path, manifest: Manifest, device: str, options: OnnxRuntimeOptions
+    ) -> Session:
         providers = providers_for(device)
-        optimized_for = manifest.details.get("graph_optimization")
+        optimized_for = manifest.details.get("options", {}).get("device")
         if optimized_for == "cuda" and providers[0] != CUDA:
             raise RuntimeUnavailable(
                 "this bundle was optimised for CUDA (it holds GPU-only fused ops) and no CUDA "
                 "provider is available here: export it with --device cpu to run on the CPU"
             )
-        return OnnxSession(bundle, manifest, providers, fused)
+        return OnnxSession(bundle, manifest, providers, options)

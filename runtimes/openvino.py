@@ -6,19 +6,41 @@ bundles with this module, and a test imports it with torch blocked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
-from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeUnavailable, Session
+from instaflow_edge.options import option
+from instaflow_edge.runtimes.base import (
+    BundleSession,
+    Runtime,
+    RuntimeOptions,
+    RuntimeUnavailable,
+    Session,
+)
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
-HINTS = ("LATENCY", "THROUGHPUT")
-# f32 by default: the CPU here would otherwise execute in bf16 (47 dB instead of 130 dB)
-DEFAULT_PRECISION = "f32"
-PRECISIONS = ("f32", "f16", "bf16", "default")
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions(RuntimeOptions):
+    """OpenVINO options."""
+
+    # f32 by default: the CPU here would otherwise execute in bf16 (47 dB instead of 130 dB)
+    inference_precision: str = option(
+        "f32",
+        "the precision the device executes in; 'default' leaves OpenVINO's own (bf16 on CPUs "
+        "that have it, as optimum-intel runs)",
+        ("f32", "f16", "bf16", "default"),
+    )
+    threads: int | None = option(None, "inference threads (default: OpenVINO's)")
+    performance_hint: str = option(
+        "LATENCY", "OpenVINO's performance hint", ("LATENCY", "THROUGHPUT")
+    )
+    cache_dir: str | None = option(None, "folder for OpenVINO's compiled-model cache")
 
 
 def _openvino():
@@ -45,29 +67,17 @@ def resolve_device(device: str, available: list[str]) -> str:
     return name
 
 
-def compile_config(
-    performance_hint: str = "LATENCY",
-    num_threads: int | None = None,
-    cache_dir: str | Path | None = None,
-    inference_precision: str = DEFAULT_PRECISION,
-) -> dict[str, str]:
-    """OpenVINO properties for compile_model from this toolkit's options (checked here)."""
-    hint = performance_hint.upper()
-    if hint not in HINTS:
-        raise UserError(f"unknown performance hint {performance_hint!r}: use latency or throughput")
-    if inference_precision not in PRECISIONS:
-        raise UserError(
-            f"unknown inference precision {inference_precision!r}: use {', '.join(PRECISIONS)}"
-        )
-    config = {"PERFORMANCE_HINT": hint}
-    if num_threads is not None:
-        if int(num_threads) < 1:
-            raise UserError("num_threads must be at least 1")
-        config["INFERENCE_NUM_THREADS"] = str(int(num_threads))
-    if cache_dir is not None:
-        config["CACHE_DIR"] = str(cache_dir)
-    if inference_precision != "default":
-        config["INFERENCE_PRECISION_HINT"] = inference_precision
+def compile_config(options: OpenVinoOptions) -> dict[str, str]:
+    """OpenVINO properties for compile_model from this runtime's options."""
+    config = {"PERFORMANCE_HINT": options.performance_hint}
+    if options.threads is not None:
+        if options.threads < 1:
+            raise UserError("threads must be at least 1")
+        config["INFERENCE_NUM_THREADS"] = str(options.threads)
+    if options.cache_dir is not None:
+        config["CACHE_DIR"] = str(options.cache_dir)
+    if options.inference_precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = options.inference_precision
     return config
 
 
@@ -80,12 +90,11 @@ class OpenVinoSession(BundleSession):
 
     runtime = "openvino"
 
-    def __init__(
-        self, bundle: Path, manifest: Manifest, device: str, config: dict[str, str], fused: bool
-    ):
+    def __init__(self, bundle: Path, manifest: Manifest, device: str, options: OpenVinoOptions):
         ov = _openvino()
         core = ov.Core()
-        self.attach_bundle(bundle, manifest)
+        config = compile_config(options)
+        self.attach_bundle(bundle, manifest, options)
         self.compiled = {
             name: core.compile_model(str(bundle / entry.file), device, config)
             for name, entry in manifest.components.items()
@@ -106,27 +115,11 @@ class OpenVinoSession(BundleSession):
         self.threads = int(
             threads if threads is not None else config.get("INFERENCE_NUM_THREADS", 0)
         )
-        self.fused = fused and "generator" in self.compiled
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a component; a static batch-1 graph fed a larger batch runs one sample at a time."""
-        if component not in self.compiled:
-            raise UserError(f"this bundle has no component {component!r}")
-        spec = self.specs[component]
-        missing = [t.name for t in spec.inputs if t.name not in feeds]
-        if missing:
-            raise UserError(f"{component} needs input(s) {', '.join(missing)}")
-        inputs = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec.inputs}
-        batch = next(iter(inputs.values())).shape[0]
-        if spec.inputs[0].shape[0] == 1 and batch > 1:
-            parts = [
-                self._infer(component, {k: v[i : i + 1] for k, v in inputs.items()})
-                for i in range(batch)
-            ]
-            return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-        return self._infer(component, inputs)
+    def settings(self) -> dict[str, object]:
+        return {**super().settings(), "executed_precision": self.inference_precision}
 
-    def _infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.requests[component]
         request.infer(inputs)
         return {
@@ -147,22 +140,11 @@ class OpenVinoRuntime(Runtime):
 
     name = "openvino"
     target = "openvino"
+    options = OpenVinoOptions
 
-    def load(
-        self,
-        bundle: Path,
-        device: str = "cpu",
-        fused: bool = True,
-        performance_hint: str = "LATENCY",
-        num_threads: int | None = None,
-        cache_dir: str | Path | None = None,
-        inference_precision: str = DEFAULT_PRECISION,
-        **options,
+    def open(
+        self, bundle: Path, manifest: Manifest, device: str, options: OpenVinoOptions
     ) -> Session:
-        """Verify every file's sha256, then compile each component for `device`."""
-        bundle = Path(bundle)
-        manifest = self.verify(bundle)
         ov = _openvino()
         name = resolve_device(device, ov.Core().available_devices)
-        config = compile_config(performance_hint, num_threads, cache_dir, inference_precision)
-        return OpenVinoSession(bundle, manifest, name, config, fused)
+        return OpenVinoSession(bundle, manifest, name, options)

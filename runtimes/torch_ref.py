@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instaflow_edge.manifest import SamplingRecipe
+from instaflow_edge.manifest import Manifest, SamplingRecipe
 from instaflow_edge.pipeline import OneStepPipeline
-from instaflow_edge.runtimes.base import Runtime, RuntimeUnavailable, Session
+from instaflow_edge.runtimes.base import Runtime, RuntimeOptions, RuntimeUnavailable, Session
 
 
 class TorchSession(Session):
-    runtime = "torch"
+    runtime = "torch_ref"
 
-    def __init__(self, pipeline: OneStepPipeline):
+    def __init__(self, pipeline: OneStepPipeline, options: RuntimeOptions | None = None):
         self.pipeline = pipeline
+        self.options = options or RuntimeOptions()
         self.executed_on = str(pipeline.device)
         self.recipe = SamplingRecipe(
             latent_shape=list(pipeline.latent_shape),
@@ -36,14 +37,11 @@ class TorchSession(Session):
             for name, value in feeds.items()
         }
         if component == "text_encoder":
-            outputs = {"last_hidden_state": pipe.text_encoder(tensors["input_ids"])[0]}
+            outputs = {"last_hidden_state": pipe.encode_prompt(tensors["input_ids"])}
         elif component == "unet":
-            sample = pipe.unet(
-                tensors["sample"].to(pipe.dtype),
-                tensors["timestep"].float(),
-                encoder_hidden_states=tensors["encoder_hidden_states"].to(pipe.dtype),
-            ).sample
-            outputs = {"out_sample": sample}
+            sample = tensors["sample"].to(pipe.dtype)
+            states = tensors["encoder_hidden_states"].to(pipe.dtype)
+            outputs = {"out_sample": pipe.velocity(sample, tensors["timestep"].float(), states)}
         elif component == "vae_decoder":
             outputs = {"sample": pipe.vae.decode(tensors["latent_sample"].to(pipe.dtype)).sample}
         else:
@@ -62,11 +60,20 @@ class TorchSession(Session):
 class TorchRuntime(Runtime):
     """The reference for a bundle: the source model its manifest names, run in PyTorch."""
 
-    name = "torch"
+    name = "torch_ref"
     target = "torch"
 
-    def load(self, bundle: Path, device: str = "cpu", **options) -> Session:
-        return load_reference(self.verify(bundle).source_model["id"], device)
+    def load(self, bundle: Path, device: str = "cpu", options=None, **settings) -> Session:
+        """The source model of any bundle (whatever its target), verified first."""
+        from instaflow_edge.manifest import verify_bundle
+
+        manifest = verify_bundle(Path(bundle))
+        return self.open(Path(bundle), manifest, device, self.options.from_mapping(settings))
+
+    def open(
+        self, bundle: Path, manifest: Manifest, device: str, options: RuntimeOptions
+    ) -> Session:
+        return load_reference(manifest.source_model["id"], device)
 
 
 def load_reference(model: str | None = None, device: str = "cpu") -> TorchSession:

@@ -39,6 +39,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
         assert word in errors[0], errors[0]
 
 
+def component_psnr(session, io) -> dict[str, float]:
+    """Tensor PSNR of each recipe component of a session fed PyTorch's inputs for it (`io`:
+    `OneStepPipeline.component_io`), one place for every test."""
+    from instaflow_edge.components import RECIPE
+    from instaflow_edge.metrics import tensor_metrics
+
+    psnr = {}
+    for name in RECIPE:
+        spec = session.specs[name]
+        output = spec.outputs[0].name
+        got = session.run(name, {t.name: io[name][t.name] for t in spec.inputs})[output]
+        psnr[name] = tensor_metrics(io[name][output], got)["psnr_db"]
+    return psnr
+
+
 @pytest.fixture(scope="session")
 def onnx_bundle(pipeline, tmp_path_factory):
     """The embedded default exported to ONNX (fp32) with the fused generator, made once."""

@@ -136,7 +136,10 @@ def test_inspect_bundle_verifies_and_shows_it(tmp_path):
     bundle = make_bundle.__wrapped__(tmp_path)
     result = run_cli("inspect", str(bundle))
     assert result.returncode == 0, result.stderr
-    assert "target onnx, precision fp32" in result.stdout and "unet/model.onnx" in result.stdout
+    assert (
+        "target onnx (runtime onnxruntime), precision fp32" in result.stdout
+        and "unet/model.onnx" in result.stdout
+    )
     (bundle / "unet" / "model.onnx").write_bytes(b"changed")
     assert_one_line_error(run_cli("inspect", str(bundle)), "unet/model.onnx", "does not match")
 

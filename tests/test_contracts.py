@@ -7,6 +7,7 @@ import pytest
 
 from instaflow_edge.calibration import load_calibration
 from instaflow_edge.calibration.builder import build_calibration
+from instaflow_edge.components import component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.models import EMBEDDED_MODEL_DIR
 from instaflow_edge.runtimes import get_runtime
@@ -32,13 +33,10 @@ def test_generate_from_components_matches_the_pipeline(reference, pipeline):
 
 def test_component_io_is_what_each_component_computes(reference, pipeline):
     io = pipeline.component_io(pipeline.tokenize(PROMPTS[:1]), pipeline.make_noise([0]))
+    specs = component_specs(pipeline.shapes)
+    assert set(io) == set(specs)
     for component, tensors in io.items():
-        spec_outputs = {
-            "text_encoder": "last_hidden_state",
-            "unet": "out_sample",
-            "vae_decoder": "sample",
-        }
-        output = spec_outputs[component]
+        output = specs[component].outputs[0].name
         feeds = {k: v for k, v in tensors.items() if k != output}
         np.testing.assert_allclose(
             reference.run(component, feeds)[output], tensors[output], atol=1e-5
@@ -54,7 +52,7 @@ def test_bundle_tokenizer_without_transformers_matches_the_reference(reference):
 
 
 def test_unknown_runtime_is_a_user_error():
-    with pytest.raises(UserError, match="no runtime for target"):
+    with pytest.raises(UserError, match="no runtime named"):
         get_runtime("tensorflow-lite")
 
 

@@ -1,5 +1,8 @@
-"""The Core ML target on the embedded model: export, compression, and parity through the MIL
-interpreter (Linux) or Core ML itself (macOS)."""
+"""What is Core ML's own: Apple's names, split-einsum attention, the MIL interpreter, compression.
+
+The promises every target keeps (parity through the runtime, manifest, tamper refusal,
+quantization) are in test_targets.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ from instaflow_edge.manifest import read_manifest  # noqa: E402
 from instaflow_edge.metrics import image_psnr, tensor_metrics  # noqa: E402
 from instaflow_edge.runtimes import RuntimeUnavailable, load_session  # noqa: E402
 from instaflow_edge.runtimes.mil_interpreter import load_program  # noqa: E402
+from tests.conftest import component_psnr  # noqa: E402
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
-OUTPUTS = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
 MACOS_ONLY = pytest.mark.skipif(
     platform.system() != "Darwin", reason="Core ML prediction runs only on macOS"
 )
@@ -45,53 +48,21 @@ def fp16_bundle(pipeline, tmp_path_factory):
     return get_exporter("coreml").export(pipeline, out, "fp16", {"attention": "split-einsum"})
 
 
-def component_psnr(bundle, io) -> dict[str, float]:
-    session = load_session(bundle)
-    psnr = {}
-    for component, output in OUTPUTS.items():
-        feeds = {k: v for k, v in io[component].items() if k != output}
-        psnr[component] = tensor_metrics(
-            io[component][output], session.run(component, feeds)[output]
-        )["psnr_db"]
-    return psnr
-
-
 def test_bundle_uses_apple_resource_names(fp32_bundle):
     names = {p.name for p in fp32_bundle.iterdir()}
     assert {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"} <= names
     assert {"vocab.json", "merges.txt", "OneStepGenerator.mlpackage"} <= names
     manifest = read_manifest(fp32_bundle)
-    assert manifest.details["coreml"]["compute_units"] == "ALL"
-    parity = manifest.details["parity"]
-    assert parity["executed_on"].startswith(("MIL interpreter", "Core ML"))
-    # the export also checked the whole one-step recipe, and the fused package against it
-    end_to_end = parity["end_to_end"]["image_psnr_db"]
-    assert end_to_end is None or end_to_end >= 40
-    assert parity["generator"]["vs_three_graphs_image_psnr_db"] is None or (
-        parity["generator"]["vs_three_graphs_image_psnr_db"] >= 40
-    )
-
-
-def test_fp32_matches_pytorch_at_60db_per_component(fp32_bundle, reference):
-    psnr = component_psnr(fp32_bundle, reference[2])
-    print("coreml fp32 tensor PSNR:", psnr)
-    assert min(psnr.values()) >= 60, psnr
-
-
-def test_fused_generator_matches_the_pipeline(fp32_bundle, reference):
-    ids, noise, _, image = reference
-    session = load_session(fp32_bundle)
-    fused = session.run("generator", {"input_ids": ids, "noise": noise})["image"]
-    assert fused.dtype == np.uint8 and fused.shape == image.shape
-    assert image_psnr(image, fused) >= 40
-    assert image_psnr(image, session.generate(ids, noise)) >= 40
+    assert manifest.details["options"]["compute_units"] == "ALL"
+    assert manifest.components["text_encoder"].spec.inputs[0].dtype == "int32"  # no int64
+    assert manifest.details["parity"]["executed_on"].startswith(("MIL interpreter", "Core ML"))
 
 
 def test_fp16_split_einsum_matches_pytorch_at_35db(fp16_bundle, reference):
     manifest = read_manifest(fp16_bundle)
-    assert manifest.details["coreml"]["attention"] == "split-einsum"
-    assert manifest.details["parity"]["unet_split_einsum_vs_original_psnr_db"] > 100
-    psnr = component_psnr(fp16_bundle, reference[2])
+    assert manifest.details["options"]["attention"] == "split-einsum"
+    assert manifest.details["notes"]["unet"]["split_einsum_vs_original_psnr_db"] > 100
+    psnr = component_psnr(load_session(fp16_bundle), reference[2])
     print("coreml fp16 split-einsum tensor PSNR:", psnr)
     assert min(psnr.values()) >= 35, psnr
 
@@ -109,21 +80,14 @@ def test_interpreter_detects_a_misconverted_weight(fp32_bundle, reference):
     assert tensor_metrics(expected, damaged["out_sample"])["psnr_db"] < 60
 
 
-@pytest.mark.parametrize("method", ["palettize-8", "palettize-4", "int8-linear"])
-def test_compressed_bundle_sizes_and_image_psnr(method, fp16_bundle, reference, tmp_path):
+@pytest.mark.slow
+def test_palettize_4_of_an_fp16_bundle_is_smaller_still(fp16_bundle, reference, tmp_path):
     ids, noise, _, image = reference
-    out = get_exporter("coreml").quantize(fp16_bundle, tmp_path / method, method)
-    details = read_manifest(out).details
-    record, parity = details["quantization"], details["parity"]
+    out = get_exporter("coreml").quantize(fp16_bundle, tmp_path / "p4", "palettize-4")
+    sizes = read_manifest(out).details["sizes"]
     psnr = image_psnr(image, load_session(out).generate(ids, noise))
-    print(f"coreml {method}: size ratio {record['size_ratio']:.2f}x, image PSNR {psnr:.1f} dB")
-    assert record["size_ratio"] > 1.5
-    # parity against the source bundle is measured as the compressed bundle is written
-    assert parity["against"] == "source bundle"
-    assert set(parity) >= {"text_encoder", "unet", "vae_decoder", "end_to_end"}
-    assert parity["unet"]["psnr_db"] < 200  # the weights did change
-    if method == "palettize-8":
-        assert psnr >= 30
+    print(f"coreml palettize-4: size ratio {sizes['ratio']:.2f}x, image PSNR {psnr:.1f} dB")
+    assert sizes["ratio"] > 2.5  # 16 bits to 4, with the palettes and indices' overhead
 
 
 def test_compression_leaves_no_temporary_packages(fp16_bundle, tmp_path, monkeypatch):
@@ -142,11 +106,11 @@ def test_mixed_bits_hold_the_target_psnr(pipeline, fp16_bundle, tmp_path):
     out = get_exporter("coreml").quantize(
         fp16_bundle, tmp_path / "mixed", "mixed", calibration, options
     )
-    record = read_manifest(out).details["quantization"]
-    mixed = record["mixed"]
+    details = read_manifest(out).details
+    mixed = details["notes"]["unet"]["mixed"]
     print(
         f"coreml mixed: {mixed['layers_per_bits']}, one-step latents {mixed['one_step_psnr_db']:.1f}"
-        f" dB, size ratio {record['size_ratio']:.2f}x"
+        f" dB, size ratio {details['sizes']['ratio']:.2f}x"
     )
     assert set(mixed["layer_bits"].values()) <= {4, 8}
     assert mixed["one_step_psnr_db"] >= 40 - 1  # the final package is palettized (k-means) anew
@@ -165,4 +129,4 @@ def test_real_core_ml_off_macos_is_refused_in_one_sentence(fp32_bundle):
 def test_core_ml_prediction_on_macos(fp32_bundle, reference):
     session = load_session(fp32_bundle, device="coreml-device", compute_units="CPU_ONLY")
     assert session.executed_on == "Core ML (CPU_ONLY)"
-    assert min(component_psnr(fp32_bundle, reference[2]).values()) >= 60
+    assert min(component_psnr(load_session(fp32_bundle), reference[2]).values()) >= 60

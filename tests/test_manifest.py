@@ -50,6 +50,7 @@ def bundle(tmp_path):
     }
     manifest = Manifest(
         target="onnx",
+        runtime="onnxruntime",
         precision="fp32",
         source_model={"id": "embedded:tiny", "sha256": "0" * 64},
         sampling=SamplingRecipe(latent_shape=[4, 16, 16], vae_scaling_factor=1.0, image_size=64),

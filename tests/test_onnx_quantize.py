@@ -1,4 +1,7 @@
-"""Quantizing an ONNX bundle: fp16 with overflow fallback, int8 dynamic, int8 static QDQ."""
+"""What is ONNX's own in quantization: fp16's overflow fallback, which ops int8 quantizes, QDQ.
+
+The promises every method keeps (gates, manifest, parity against the source) are in test_targets.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from instaflow_edge.components import ComponentSpec, TensorSpec
 from instaflow_edge.export import get_exporter
 from instaflow_edge.export.onnx import convert_to_fp16
 from instaflow_edge.manifest import verify_bundle
-from instaflow_edge.metrics import image_psnr, tensor_metrics
+from instaflow_edge.metrics import image_psnr
 from instaflow_edge.runtimes.onnxruntime import OnnxRuntime
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -44,23 +47,6 @@ def end_to_end_psnr(bundle, pipeline) -> float:
 
 def op_types(bundle, component: str) -> set[str]:
     return {node.op_type for node in onnx.load(str(bundle / component / "model.onnx")).graph.node}
-
-
-def test_fp16_quantization_keeps_35_db_per_graph_and_a_new_manifest(
-    onnx_bundle, pipeline, tmp_path
-):
-    bundle = get_exporter("onnx").quantize(onnx_bundle, tmp_path / "fp16", "fp16")
-    manifest = verify_bundle(bundle)
-    assert manifest.quantization == "fp16" and manifest.precision == "fp16"
-    assert set(manifest.assets) == set(verify_bundle(onnx_bundle).assets)  # tokenizer copied
-    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "generator"}
-    io = pipeline.component_io(pipeline.tokenize([PROMPT]), pipeline.make_noise([0]))
-    session = OnnxRuntime().load(bundle, "cpu")
-    outputs = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
-    for name, output in outputs.items():
-        feeds = {k: v for k, v in io[name].items() if k != output}
-        psnr = tensor_metrics(io[name][output], session.run(name, feeds)[output])["psnr_db"]
-        assert psnr >= 35, (name, psnr)
 
 
 def test_fp16_overflow_keeps_the_overflowing_ops_in_fp32(tmp_path, caplog):
@@ -107,7 +93,6 @@ def test_int8_dynamic_matmul_only_or_all_ops(onnx_bundle, pipeline, tmp_path, me
     ops = op_types(bundle, "unet")
     assert "MatMulInteger" in ops
     assert ("ConvInteger" in ops) is integer_conv
-    assert end_to_end_psnr(bundle, pipeline) >= 25
 
 
 @pytest.mark.parametrize("calibration_method", ["minmax", "percentile"])
@@ -121,7 +106,7 @@ def test_int8_static_qdq_per_channel_from_a_calibration_set(
     manifest = verify_bundle(bundle)
     assert manifest.quantization == "int8-static"
     assert manifest.details["calibration"]["samples"] == len(CALIBRATION_PROMPTS)
-    assert manifest.details["calibration"]["method"] == calibration_method
+    assert manifest.details["options"]["calibration_method"] == calibration_method
     unet = onnx.load(str(bundle / "unet" / "model.onnx"))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in unet.graph.node}
     per_channel = [
@@ -145,7 +130,7 @@ def test_cli_quantize_prints_bundle_and_parity(onnx_bundle, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"bundle: {tmp_path / 'q'} (onnx, int8-dynamic, 4 graphs)" in result.stdout
-    assert "parity vs fp32 bundle" in result.stdout
+    assert "parity vs source bundle" in result.stdout
     assert (
         json.loads((tmp_path / "q" / "manifest.json").read_text())["quantization"] == "int8-dynamic"
     )
@@ -166,7 +151,7 @@ def test_cli_quantize_prints_bundle_and_parity(onnx_bundle, tmp_path):
                 "--calibration-method",
                 "mse",
             ],
-            ["unknown calibration method 'mse'", "percentile"],
+            ["invalid choice: 'mse'", "percentile"],
         ),
     ],
 )

@@ -38,26 +38,12 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
 
 
-def test_runtime_runs_a_bundle_with_torch_blocked(onnx_bundle, pipeline, tmp_path):
-    np.save(tmp_path / "noise.npy", pipeline.make_noise([0]).numpy())
-    result = run_without_torch(
-        f"""
-        import numpy as np
-        from instaflow_edge.runtimes import load_session
-        session = load_session({str(onnx_bundle)!r}, "cpu")
-        ids = session.tokenize([{PROMPT!r}])
-        noise = np.load({str(tmp_path / "noise.npy")!r})
-        np.save({str(tmp_path / "fused.npy")!r}, session.generate(ids, noise))
-        session.fused = False
-        np.save({str(tmp_path / "three.npy")!r}, session.generate(ids, noise))
-        assert "torch" not in sys.modules and "transformers" not in sys.modules
-        print(session.executed_on)
-        """
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == CPU
+def test_fp32_images_are_within_one_level_of_pytorch(onnx_bundle, pipeline):
+    session = load_session(onnx_bundle, "cpu")
+    ids, noise = session.tokenize([PROMPT]), pipeline.make_noise([0]).numpy()
+    fused = session.generate(ids, noise)
+    three = load_session(onnx_bundle, "cpu", fused=False).generate(ids, noise)
     reference = pipeline(PROMPT, seed=0, output_type="np").astype(np.int16)
-    fused, three = np.load(tmp_path / "fused.npy"), np.load(tmp_path / "three.npy")
     np.testing.assert_array_equal(fused, three)
     # fp32 in another runtime: a pixel may round to the neighbouring 8-bit level, no further
     difference = np.abs(three.astype(np.int16) - reference)
@@ -133,7 +119,7 @@ def test_unknown_component_and_missing_input_are_user_errors(onnx_bundle):
     session = load_session(onnx_bundle, "cpu")
     with pytest.raises(UserError, match="no component 'safety_checker'"):
         session.run("safety_checker", {})
-    with pytest.raises(UserError, match="needs input 'timestep'"):
+    with pytest.raises(UserError, match="needs input\\(s\\) timestep"):
         session.run("unet", {"sample": np.zeros((1, 4, 16, 16), np.float32)})
 
 

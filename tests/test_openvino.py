@@ -1,12 +1,12 @@
-"""The OpenVINO target: IR export and NNCF quantization of the embedded model, parity, runtime options."""
+"""What is OpenVINO's own: static or dynamic batch, NNCF's methods, devices and runtime options.
+
+The promises every target keeps (parity, manifest, tamper refusal, quantization) are in
+test_targets.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,15 +15,13 @@ from instaflow_edge.calibration.builder import build_calibration
 from instaflow_edge.calibration.prompts import load_prompts
 from instaflow_edge.errors import UserError
 from instaflow_edge.export import get_exporter
-from instaflow_edge.manifest import BundleError, read_manifest
-from instaflow_edge.metrics import image_psnr, tensor_metrics
+from instaflow_edge.manifest import read_manifest
+from instaflow_edge.metrics import image_psnr
 from instaflow_edge.runtimes import RuntimeUnavailable, load_session
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, component_psnr, run_cli
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
-
-OUTPUTS = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
 
 
 @pytest.fixture(scope="module")
@@ -57,38 +55,19 @@ def calibration(pipeline, tmp_path_factory):
     return build_calibration(pipeline, load_prompts("synthetic", limit=8), out)
 
 
-def component_psnr(session, io) -> dict[str, float]:
-    psnr = {}
-    for component, output in OUTPUTS.items():
-        feeds = {name: value for name, value in io[component].items() if name != output}
-        got = session.run(component, feeds)[output]
-        psnr[component] = tensor_metrics(io[component][output], got)["psnr_db"]
-    return psnr
-
-
 def end_to_end_psnr(bundle, inputs, reference) -> float:
     session = load_session(bundle)
     return image_psnr(reference[1], session.generate(inputs[0].numpy(), inputs[1].numpy()))
 
 
-def test_fp32_export_matches_pytorch_per_component(fp32_bundle, inputs, reference):
+def test_fp32_export_has_a_static_batch_and_runs_in_f32(fp32_bundle):
     for path in ("text_encoder", "unet", "vae_decoder"):
         assert (fp32_bundle / path / "openvino_model.xml").is_file()
         assert (fp32_bundle / path / "openvino_model.bin").is_file()
-    assert (fp32_bundle / "tokenizer" / "tokenizer.json").is_file()
     manifest = read_manifest(fp32_bundle)
-    assert (manifest.target, manifest.precision, manifest.quantization) == (
-        "openvino",
-        "fp32",
-        None,
-    )
     assert manifest.components["unet"].spec.inputs[0].shape == (1, 4, 16, 16)  # static batch 1
     session = load_session(fp32_bundle)
     assert (session.executed_on, session.inference_precision) == ("CPU", "f32")
-    psnr = component_psnr(session, reference[0])
-    assert min(psnr.values()) >= 60, psnr
-    ids = session.tokenize(load_prompts("synthetic")[200:203])
-    np.testing.assert_array_equal(ids, inputs[0].numpy())
 
 
 def test_fp16_dynamic_batch_fused_export(
@@ -110,40 +89,27 @@ def test_fp16_dynamic_batch_fused_export(
     assert image_psnr(reference[1], fused) >= 35
 
 
-def test_int8_weights_image_psnr(exporter, fp32_bundle, inputs, reference, tmp_path):
-    bundle = exporter.quantize(fp32_bundle, tmp_path / "int8", "int8-weights")
-    manifest = read_manifest(bundle)
-    assert manifest.quantization == "int8-weights"
-    size = (bundle / "unet" / "openvino_model.bin").stat().st_size
-    assert size < 0.35 * (fp32_bundle / "unet" / "openvino_model.bin").stat().st_size
-    assert end_to_end_psnr(bundle, inputs, reference) >= 30
-
-
+@pytest.mark.slow
 def test_int4_weights_image_psnr(exporter, fp32_bundle, inputs, reference, tmp_path):
-    bundle = exporter.quantize(fp32_bundle, tmp_path / "int4", "int4-weights")
+    # gate lowered: int4 can miss the 25 dB default on the check prompt
+    gates = {"min_image_psnr_db": 20}
+    bundle = exporter.quantize(fp32_bundle, tmp_path / "int4", "int4-weights", gate_overrides=gates)
     # the trained default loses more to 4 bits on these 3 prompts (22.5 dB) than on the bench's 8
     # held-out prompts (30.1 dB): int4 can miss the 25 dB gate, and validate then says so
     assert end_to_end_psnr(bundle, inputs, reference) >= 20
 
 
-def test_hybrid_image_psnr(exporter, fp32_bundle, calibration, inputs, reference, tmp_path):
-    bundle = exporter.quantize(fp32_bundle, tmp_path / "hybrid", "hybrid", calibration)
+def test_hybrid_quantizes_the_unets_activations(
+    pipeline, exporter, calibration, inputs, reference, tmp_path
+):
+    fused = exporter.export(pipeline, tmp_path / "fused", "fp32", {"fused": True})
+    bundle = exporter.quantize(fused, tmp_path / "hybrid", "hybrid", calibration)
     manifest = read_manifest(bundle)
-    assert manifest.quantization == "hybrid"
-    assert sorted(manifest.components) == ["text_encoder", "unet", "vae_decoder"]
+    assert sorted(manifest.components) == ["text_encoder", "unet", "vae_decoder"]  # no generator
     unet = (bundle / "unet" / "openvino_model.xml").read_text()
     assert "FakeQuantize" in unet  # activations are quantized, not just weights
+    assert "FakeQuantize" not in (bundle / "text_encoder" / "openvino_model.xml").read_text()
     assert end_to_end_psnr(bundle, inputs, reference) >= 25
-
-
-def test_quantize_refuses_bad_requests(exporter, fp32_bundle, tmp_path):
-    with pytest.raises(UserError, match="need --calibration"):
-        exporter.quantize(fp32_bundle, tmp_path / "q", "int8-full")
-    with pytest.raises(UserError, match="unknown openvino quantization"):
-        exporter.quantize(fp32_bundle, tmp_path / "q", "int2")
-    with pytest.raises(UserError, match="not a calibration set"):
-        exporter.quantize(fp32_bundle, tmp_path / "q", "hybrid", tmp_path)
-    assert not (tmp_path / "q").exists()
 
 
 def test_devices_and_options(fp32_bundle, tmp_path):
@@ -151,14 +117,14 @@ def test_devices_and_options(fp32_bundle, tmp_path):
         load_session(fp32_bundle, "npu")
     with pytest.raises(UserError, match="unknown OpenVINO device 'cuda'"):
         load_session(fp32_bundle, "cuda")
-    with pytest.raises(UserError, match="unknown performance hint"):
+    with pytest.raises(UserError, match="unknown performance_hint 'fastest'"):
         load_session(fp32_bundle, performance_hint="fastest")
     session = load_session(
         fp32_bundle,
         "AUTO",
-        performance_hint="throughput",
-        num_threads=1,
-        cache_dir=tmp_path / "cache",
+        performance_hint="THROUGHPUT",
+        threads=1,
+        cache_dir=str(tmp_path / "cache"),
     )
     assert session.executed_on == "CPU" and session.threads == 1
     assert any((tmp_path / "cache").iterdir())
@@ -166,56 +132,45 @@ def test_devices_and_options(fp32_bundle, tmp_path):
     assert default.inference_precision in ("f32", "bf16", "f16")
 
 
-def test_tampered_bundle_is_refused(fp32_bundle, tmp_path):
-    bundle = shutil.copytree(fp32_bundle, tmp_path / "tampered")
-    weights = bundle / "unet" / "openvino_model.bin"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="unet/openvino_model.bin does not match"):
-        load_session(bundle)
-
-
-def test_runtime_runs_with_torch_blocked(fp32_bundle, inputs, reference, tmp_path):
-    np.save(tmp_path / "noise.npy", inputs[1].numpy())
-    prompts = load_prompts("synthetic")[200:203]
-    script = textwrap.dedent(
-        f"""
-        import importlib.abc, json, sys
-        import numpy as np
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "diffusers", "transformers"):
-                    raise ImportError(f"{{name}} is blocked")
-
-        sys.meta_path.insert(0, Block())
-        from instaflow_edge.runtimes import load_session
-
-        session = load_session({str(fp32_bundle)!r})
-        ids = session.tokenize({prompts!r})
-        image = session.generate(ids, np.load({str(tmp_path / "noise.npy")!r}))
-        np.save({str(tmp_path / "image.npy")!r}, image)
-        blocked = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
-        print(json.dumps({{"executed_on": session.executed_on, "loaded": blocked}}))
-        """
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == {"executed_on": "CPU", "loaded": []}
-    assert image_psnr(reference[1], np.load(tmp_path / "image.npy")) >= 40
-
-
 def test_cli_export_and_quantize(tmp_path):
     bundle = tmp_path / "tiny-openvino"
     done = run_cli("export", "--target", "openvino", "--out", str(bundle))
     assert done.returncode == 0, done.stderr
-    assert "parity vs PyTorch fp32 on CPU (f32)" in done.stdout
+    assert "parity vs PyTorch on CPU" in done.stdout
     unet_line = next(line for line in done.stdout.splitlines() if line.strip().startswith("unet"))
     assert float(unet_line.split("tensor PSNR ")[1].split(" dB")[0]) >= 60
     done = run_cli("quantize", "--bundle", str(bundle), "--method", "int8-weights")
     assert done.returncode == 0, done.stderr
     assert read_manifest(tmp_path / "tiny-openvino-int8-weights").quantization == "int8-weights"
-    assert "parity vs fp32 bundle" in done.stdout
+    assert "parity vs source bundle" in done.stdout
     done = run_cli("quantize", "--bundle", str(bundle), "--method", "hybrid")
-    assert_one_line_error(done, "need --calibration")
+    assert_one_line_error(done, "hybrid needs --calibration")
+    done = run_cli("quantize", "--bundle", str(bundle), "--method", "hybrid", "--target-psnr", "3")
+    assert_one_line_error(done, "--target-psnr does not apply to target openvino")
+
+
+def test_validate_runs_openvino_in_bf16_when_asked_and_records_it(fp32_bundle, tmp_path):
+    report = tmp_path / "report"
+    done = run_cli(
+        "validate",
+        "--bundle",
+        str(fp32_bundle),
+        "--runtime-option",
+        "inference_precision=bf16",
+        "--limit",
+        "1",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--report",
+        str(report),
+    )
+    data = json.loads((report / "report.json").read_text())
+    runtime = data["environment"]["runtime"]
+    assert runtime["inference_precision"] == "bf16" and runtime["runtime"] == "openvino"
+    # what ran: bf16 where the CPU has it (then the fp32 gates fail: exit 1), else f32
+    assert runtime["executed_precision"] in ("bf16", "f32")
+    assert done.returncode == (1 if runtime["executed_precision"] == "bf16" else 0), done.stdout
+    bad = run_cli("validate", "--bundle", str(fp32_bundle), "--runtime-option", "precision=bf16")
+    assert_one_line_error(bad, "unknown option 'precision'", "inference_precision")

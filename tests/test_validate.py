@@ -11,10 +11,18 @@ import pytest
 import torch
 
 from instaflow_edge.components import component_specs
-from instaflow_edge.export.base import copy_tokenizer, staged_bundle, write_bundle_manifest
-from instaflow_edge.manifest import read_manifest
+from instaflow_edge.export.base import copy_tokenizer, staged_bundle
+from instaflow_edge.gates import gate_basis
+from instaflow_edge.manifest import (
+    ComponentEntry,
+    Manifest,
+    SamplingRecipe,
+    hash_files,
+    read_manifest,
+    write_manifest,
+)
 from instaflow_edge.report import render_html
-from instaflow_edge.validate import REPORT_SCHEMA_VERSION, gate_basis, resolve_gates
+from instaflow_edge.validate import REPORT_SCHEMA_VERSION, bundle_gates
 from tests.conftest import assert_one_line_error, run_cli
 
 FAST = ["--limit", "2", "--runs", "1", "--warmup", "0"]
@@ -43,9 +51,11 @@ MODEL_FILES = {
 }
 
 
-def make_torch_bundle(pipeline, out, unet_scale: float = 1.0, **manifest_fields):
+def make_torch_bundle(
+    pipeline, out, unet_scale: float = 1.0, precision: str = "fp32", quantization=None
+):
     """A bundle whose target is "torch": a saved copy of the model (its UNet's first conv weight
-    scaled by `unet_scale`), run by TorchRuntime. Its manifest names the embedded model as source."""
+    scaled by `unet_scale`), run by the torch_ref runtime, which loads its source model."""
     with staged_bundle(out) as staging:
         pipeline.save_pretrained(staging / "model")
         if unet_scale != 1.0:
@@ -56,17 +66,24 @@ def make_torch_bundle(pipeline, out, unet_scale: float = 1.0, **manifest_fields)
             weights["conv_in.weight"] = weights["conv_in.weight"] * unet_scale
             save_file(weights, path)
         specs = component_specs(pipeline.shapes)
-        components = {name: (specs[name], file, []) for name, file in MODEL_FILES.items()}
-        manifest = write_bundle_manifest(
-            staging,
-            pipeline,
-            "torch",
-            manifest_fields.pop("precision", "fp32"),
-            components,
-            copy_tokenizer(pipeline, staging),
+        manifest = Manifest(
+            target="torch",
+            runtime="torch_ref",
+            precision=precision,
+            quantization=quantization,
             source_model={"id": str(out / "model"), "sha256": pipeline.fingerprint()},
-            **manifest_fields,
+            sampling=SamplingRecipe(
+                latent_shape=list(pipeline.latent_shape),
+                vae_scaling_factor=pipeline.scaling_factor,
+                image_size=pipeline.image_size,
+            ),
+            components={
+                name: ComponentEntry.from_files(staging, specs[name], file)
+                for name, file in MODEL_FILES.items()
+            },
+            assets=hash_files(staging, copy_tokenizer(pipeline, staging)),
         )
+        write_manifest(staging, manifest)
     return out, manifest
 
 
@@ -191,8 +208,8 @@ def test_default_gates_follow_the_bundle_kind(pipeline, tmp_path):
             pipeline, tmp_path / str(index), precision=precision, quantization=quantization
         )
         manifest = read_manifest(bundle)
-        assert gate_basis(manifest) == basis
-    gates = resolve_gates(manifest, {"min_unet_cosine": 0.99})
+        assert gate_basis(manifest.precision, manifest.quantization) == basis
+    gates = bundle_gates(manifest, {"min_unet_cosine": 0.99})
     assert (gates.min_image_psnr_db, gates.min_unet_cosine) == (25.0, 0.99)
     assert gates.min_tensor_psnr_db is None and gates.overridden == ["min_unet_cosine"]
 
@@ -250,7 +267,7 @@ def test_onnx_bundle_validates_and_a_damaged_unet_fails(onnx_bundle, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from instaflow_edge.manifest import sha256_file, write_manifest
+    from instaflow_edge.manifest import sha256_file
 
     bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "onnx"))  # the shared fused export
     result, report = validate(bundle, "--report", str(tmp_path / "ok"), report=tmp_path / "ok")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from instaflow_edge.commands.validate import add_session_arguments, check_runs
+from instaflow_edge.commands.common import (
+    add_session_arguments,
+    check_runs,
+    reference_device,
+    runtime_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,21 +35,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_runs(args)
+    options = runtime_options(args.bundle, args.runtime_option)
 
     from instaflow_edge.atomic import atomic_file
     from instaflow_edge.calibration.prompts import load_prompts
+    from instaflow_edge.jsonio import dumps
     from instaflow_edge.latency import compare_latency, environment
     from instaflow_edge.manifest import read_manifest
     from instaflow_edge.quiet import quiet_libraries
-    from instaflow_edge.report import json_ready
     from instaflow_edge.runtimes import load_session
     from instaflow_edge.runtimes.torch_ref import load_reference
+    from instaflow_edge.tables import latency_table
     from instaflow_edge.validate import component_feeds, reference_io
 
     quiet_libraries()
     manifest = read_manifest(args.bundle)
-    bundle = load_session(args.bundle, args.device)  # verifies every file's sha256 first
-    reference = load_reference(args.reference or manifest.source_model.get("id"), args.device)
+    bundle = load_session(args.bundle, args.device, options)  # verifies every file's sha256 first
+    reference_id = args.reference or manifest.source_model.get("id")
+    reference = load_reference(reference_id, reference_device(args.device))
     prompt = args.prompt or load_prompts("synthetic", limit=1)[0]
     input_ids = reference.tokenize([prompt])
     noise = reference.pipeline.make_noise([0]).numpy()
@@ -66,25 +73,6 @@ def run(args: argparse.Namespace) -> int:
             "environment": env,
         }
         with atomic_file(args.json) as staging:
-            staging.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+            staging.write_text(dumps(result))
         logger.info("wrote %s", args.json)
     return 0
-
-
-def latency_table(latency: dict[str, Any]) -> str:
-    """The rows as aligned text: part, bundle p50/p90, PyTorch p50/p90, ratio."""
-    from instaflow_edge.commands.inspect import format_table
-
-    rows = [["part", "bundle p50", "p90", "PyTorch p50", "p90", "ratio (p50)"]]
-    for name, row in latency["rows"].items():
-        rows.append(
-            [
-                name,
-                f"{row['bundle']['p50_ms']:.2f} ms",
-                f"{row['bundle']['p90_ms']:.2f} ms",
-                f"{row['reference']['p50_ms']:.2f} ms",
-                f"{row['reference']['p90_ms']:.2f} ms",
-                f"{row['ratio_p50']:.2f}x",
-            ]
-        )
-    return format_table(rows)

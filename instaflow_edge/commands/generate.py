@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from instaflow_edge.commands.common import add_runtime_arguments, runtime_options
 from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="run an exported bundle with its runtime instead (one step; no torch needed)",
     )
-    parser.add_argument(
-        "--device", default="cpu", help="device: cpu (default) or cuda; falls back to cpu"
-    )
+    add_runtime_arguments(parser)
     parser.add_argument(
         "-o",
         "--out",
@@ -99,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bundle is not None:
         return run_bundle(args, prompts, paths)
+    if args.runtime_option:
+        raise UserError("--runtime-option sets a bundle's runtime: it needs --bundle")
 
     from tqdm import tqdm
 
@@ -136,7 +137,8 @@ def run_bundle(args: argparse.Namespace, prompts: list[str], paths: list[Path]) 
     from instaflow_edge.atomic import atomic_file
     from instaflow_edge.runtimes import load_session
 
-    session = load_session(args.bundle, args.device)
+    options = runtime_options(args.bundle, args.runtime_option)
+    session = load_session(args.bundle, args.device, options)
     input_ids = session.tokenize(prompts)
     seeds = range(args.seed, args.seed + len(prompts))
     noise = seeded_noise(seeds, tuple(session.recipe.latent_shape))

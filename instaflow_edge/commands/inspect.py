@@ -7,6 +7,7 @@ from pathlib import Path
 
 from instaflow_edge.components import ComponentSpec, TensorSpec
 from instaflow_edge.manifest import MANIFEST_NAME
+from instaflow_edge.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,13 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> str:
     return ", ".join(f"{s.name}[{','.join(map(str, s.shape))}]:{s.dtype}" for s in specs)
-
-
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
 
 
 def _component_rows(specs: dict[str, ComponentSpec], extra: dict[str, list[str]]) -> list[str]:
@@ -94,7 +88,7 @@ def describe_bundle(bundle_dir: Path) -> str:
     quantization = manifest.quantization or "none"
     header = [
         f"bundle: {bundle_dir} (files match manifest sha256)",
-        f"target {manifest.target}, precision {manifest.precision}, quantization {quantization}",
+        f"target {manifest.target} (runtime {manifest.runtime}), precision {manifest.precision}, quantization {quantization}",
         f"source model {manifest.source_model.get('id', '?')}, "
         f"toolkit {manifest.toolkit_version}, schema {manifest.schema_version}",
         "",

@@ -6,7 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from instaflow_edge.errors import UserError
+from instaflow_edge.commands.common import (
+    add_gate_arguments,
+    add_session_arguments,
+    check_runs,
+    gate_overrides,
+    reference_device,
+    runtime_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,45 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--report", type=Path, help="report folder (default: BUNDLE-report beside the bundle)"
     )
-    gates = parser.add_argument_group("gate overrides (a number, or 'off'; recorded in the report)")
-    gates.add_argument(
-        "--min-tensor-psnr", type=_gate_value, default=argparse.SUPPRESS, metavar="DB|off"
-    )
-    gates.add_argument(
-        "--min-image-psnr", type=_gate_value, default=argparse.SUPPRESS, metavar="DB|off"
-    )
-    gates.add_argument(
-        "--min-unet-cosine", type=_gate_value, default=argparse.SUPPRESS, metavar="C|off"
-    )
+    add_gate_arguments(parser)
     parser.set_defaults(run=run)
-
-
-def add_session_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options validate and bench share: bundle, reference, device, timed runs."""
-    parser.add_argument("--bundle", type=Path, required=True, help="the bundle directory")
-    parser.add_argument(
-        "--reference",
-        help="the PyTorch reference model (default: the model the bundle was exported from)",
-    )
-    parser.add_argument(
-        "--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run (cpu)"
-    )
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs first (2)")
-
-
-def check_runs(args: argparse.Namespace) -> None:
-    if args.runs < 1 or args.warmup < 0:
-        raise UserError("--runs must be at least 1 and --warmup at least 0")
-
-
-def _gate_value(text: str) -> float | None:
-    if text.lower() == "off":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'off', not {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,15 +63,7 @@ def run(args: argparse.Namespace) -> int:
     default_set = "synthetic" if reference in ("tiny", "embedded:tiny") else "general"
     prompts = load_prompts(args.prompts or default_set, args.limit)
     report_dir = args.report or args.bundle.with_name(f"{args.bundle.name}-report")
-    overrides = {
-        gate: getattr(args, flag)
-        for flag, gate in (
-            ("min_tensor_psnr", "min_tensor_psnr_db"),
-            ("min_image_psnr", "min_image_psnr_db"),
-            ("min_unet_cosine", "min_unet_cosine"),
-        )
-        if hasattr(args, flag)
-    }
+    options = runtime_options(args.bundle, args.runtime_option)
 
     from instaflow_edge.quiet import quiet_libraries
     from instaflow_edge.report import write_reports
@@ -116,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
             reference_model=args.reference,
             seed=args.seed,
             device=args.device,
+            reference_device=reference_device(args.device),
+            runtime_options=options,
             runs=args.runs,
             warmup=args.warmup,
-            gate_overrides=overrides,
+            gate_overrides=gate_overrides(args),
         )
     except RuntimeUnavailable as error:
         report = skipped_report(args.bundle, args.device, str(error))
@@ -129,48 +93,12 @@ def run(args: argparse.Namespace) -> int:
     json_path, html_path = write_reports(
         report_dir, report, validation.reference_images, validation.bundle_images
     )
+    from instaflow_edge.tables import latency_table, parity_table
+
     print(parity_table(report))
     print()
-    from instaflow_edge.commands.bench import latency_table
-
     print(latency_table(report["latency"]))
     print()
     print(report["summary"])
     print(f"report: {html_path} (and {json_path.name})")
     return 0 if validation.passed else EXIT_GATE_FAILED
-
-
-def parity_table(report: dict) -> str:
-    """Per component and end to end: the numbers the gates read, and the verdict."""
-    from instaflow_edge.commands.inspect import format_table
-
-    rows = [["component", "output", "max-abs", "cosine", "tensor PSNR", "gates"]]
-    for name, result in report["components"].items():
-        if not result["compared"]:
-            rows.append([name, "-", "-", "-", "-", result["reason"]])
-            continue
-        verdict = "passed" if all(c["passed"] for c in result["checks"]) else "FAILED"
-        for output, m in result["outputs"].items():
-            rows.append(
-                [
-                    name,
-                    output,
-                    f"{m['max_abs']:.3g}",
-                    f"{m['cosine']:.6f}",
-                    f"{m['psnr_db']:.2f} dB",
-                    verdict,
-                ]
-            )
-    end = report["end_to_end"]
-    verdict = "passed" if all(c["passed"] for c in end["checks"]) else "FAILED"
-    rows.append(
-        [
-            "end_to_end",
-            "image",
-            f"SSIM {end['ssim']:.4f}",
-            "",
-            f"{end['image_psnr_db']:.2f} dB",
-            verdict,
-        ]
-    )
-    return format_table(rows)

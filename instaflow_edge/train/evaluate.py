@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from instaflow_edge.atomic import atomic_file
 from instaflow_edge.flow import euler_times, straightness
-from instaflow_edge.pipeline import OneStepPipeline, to_uint8
+from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.synthetic.captions import parse_caption
 from instaflow_edge.synthetic.checker import prompt_accuracy
 from instaflow_edge.synthetic.features import features, frechet_distance, load_feature_net
@@ -82,7 +82,7 @@ def generate(
             scores.append(straightness(path, euler_times(entry.steps)))
         else:
             latents = pipe.sample_latents(noise, text, entry.steps, entry.guidance)
-        images.append(to_uint8(pipe.decode(latents)))
+        images.append(pipe.decode_to_uint8(latents))
     mean_straightness = float(torch.cat(scores).mean()) if scores else None
     return np.concatenate(images), mean_straightness
 
@@ -106,7 +106,7 @@ def evaluate(
             pipes[entry.model] = OneStepPipeline.from_pretrained(entry.model)
         pipe = pipes[entry.model]
         if len(rows) == 1:  # the VAE's own ceiling: rendered images through encode + decode
-            roundtrip = to_uint8(pipe.decode(encode_images(pipe, second)))
+            roundtrip = pipe.decode_to_uint8(encode_images(pipe, second))
             rows.append(
                 _row(
                     "VAE round trip of rendered images",

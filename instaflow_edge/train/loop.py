@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -36,33 +38,30 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
 
 
-class WeightAverage:
-    """An exponential moving average of parameters. The decay warms up as min(decay, (1+n)/(10+n))
-    after n updates, so that the first steps' weights, far from trained, fade out quickly."""
+def moving_average(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
+    """diffusers' EMAModel of `parameters`, its decay warming up as min(decay, (1+n)/(10+n)) after
+    n updates so that the first steps' weights, far from trained, fade out quickly.
+    update_after_step=-1 is what makes n the number of updates: by default EMAModel counts one
+    behind (decay 0 at the first update, dropping the initial weights at once, then n/(9+n)).
+    foreach=True: one fused update for all the tensors per step."""
+    return EMAModel(parameters, decay=decay, update_after_step=-1, foreach=True)
 
-    def __init__(self, parameters: list[torch.nn.Parameter], decay: float):
-        self.parameters, self.decay, self.updates = parameters, decay, 0
-        self.average = [p.detach().clone() for p in parameters]
 
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, parameter in zip(self.average, self.parameters, strict=True):
-            average.lerp_(parameter.detach(), 1.0 - decay)
+def _save_average(average: EMAModel, path: Path) -> None:
+    """The shadow weights, one tensor per parameter, and the update count as metadata."""
+    tensors = {str(i): t.detach().contiguous() for i, t in enumerate(average.shadow_params)}
+    save_file(tensors, str(path), metadata={"updates": str(average.optimization_step)})
 
-    @torch.no_grad()
-    def copy_to_parameters(self) -> None:
-        for average, parameter in zip(self.average, self.parameters, strict=True):
-            parameter.copy_(average)
 
-    def save(self, path: Path) -> None:
-        save_file({str(i): t.contiguous() for i, t in enumerate(self.average)}, str(path))
-
-    def load(self, path: Path, updates: int) -> None:
-        tensors = load_file(str(path))
-        self.average = [tensors[str(i)] for i in range(len(self.parameters))]
-        self.updates = updates
+def _load_average(average: EMAModel, path: Path, updates: int) -> None:
+    """Restore `_save_average`'s file (`updates`: the count for a file that has none)."""
+    with safe_open(str(path), framework="pt") as handle:
+        updates = int((handle.metadata() or {}).get("updates", updates))
+        shadow = [
+            handle.get_tensor(str(i)).to(current.device)
+            for i, current in enumerate(average.shadow_params)
+        ]
+    average.load_state_dict({"shadow_params": shadow, "optimization_step": updates})
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -110,7 +109,7 @@ def fit(
         return min(1.0, (step + 1) / warmup) * (1.0 - 0.9 * step / config.steps)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    average = WeightAverage(parameters, config.ema_decay) if config.ema_decay > 0 else None
+    average = moving_average(parameters, config.ema_decay) if config.ema_decay > 0 else None
     losses: list[float] = []
     before = None
     checkpoint = out_dir / CHECKPOINT
@@ -130,7 +129,7 @@ def fit(
         if average is not None:
             if not (checkpoint / EMA_FILE).is_file():
                 raise UserError(f"{checkpoint} has no moving average: resume it with ema_decay 0")
-            average.load(checkpoint / EMA_FILE, updates=len(losses))
+            _load_average(average, checkpoint / EMA_FILE, updates=len(losses))
         logger.info("%s: resuming at step %d of %d", desc, len(losses), config.steps)
     elif probe is not None:
         before = _evaluate(probe, modules)
@@ -153,7 +152,7 @@ def fit(
         optimizer.step()
         schedule.step()
         if average is not None:
-            average.update()
+            average.step(parameters)
         losses.append(float(world.mean(loss.detach())))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         done = step + 1
@@ -164,7 +163,7 @@ def fit(
                 write_loss_csv(out_dir / LOSS_CSV, losses)
             world.barrier()
     if average is not None:
-        average.copy_to_parameters()
+        average.copy_to(parameters)
     for module in modules.values():
         module.eval()
     if probe is not None and before is not None and world.is_main:
@@ -195,7 +194,7 @@ def _save_checkpoint(modules, optimizer, schedule, average, state: dict, folder:
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "optimizer.json").write_text(json.dumps(groups))
         if average is not None:
-            average.save(staging / EMA_FILE)
+            _save_average(average, staging / EMA_FILE)
         state = {**state, "schedule": schedule.state_dict()}
         (staging / "state.json").write_text(json.dumps(state))
 

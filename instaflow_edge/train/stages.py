@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import (
-    ONE_STEP_TIMESTEP,
     distillation_loss,
     interpolate,
     rectified_flow_loss,
     unet_timestep,
 )
 from instaflow_edge.pipeline import OneStepPipeline
+from instaflow_edge.recipe import ONE_STEP_TIMESTEP
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import (
     empty_prompt_ids,

@@ -1,12 +1,12 @@
-"""Torch modules that exporters convert: each component with its spec's tensor names, and the fused generator."""
+"""Torch modules that exporters convert, one per `components.COMPONENTS` entry, with its spec's tensor names."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from instaflow_edge.flow import ONE_STEP_TIMESTEP
 from instaflow_edge.pipeline import OneStepPipeline
+from instaflow_edge.recipe import ONE_STEP_TIMESTEP, one_step, to_uint8
 
 
 class TextEncoder(nn.Module):
@@ -49,8 +49,7 @@ class VaeDecoder(nn.Module):
 class OneStepGenerator(nn.Module):
     """The whole one-step recipe as one feed-forward graph: (input_ids, noise) -> uint8 NHWC image.
 
-    text = E(ids); v = U(noise, 1000, text); image = D((noise + v) / scaling) mapped to 0..255,
-    rounded half to even like `pipeline.to_uint8` and `runtimes.base.images_to_uint8`.
+    The same `recipe.one_step` and `recipe.to_uint8` as the pipeline and every runtime.
     """
 
     def __init__(self, pipeline: OneStepPipeline):
@@ -61,21 +60,14 @@ class OneStepGenerator(nn.Module):
         self.scaling_factor = pipeline.scaling_factor
 
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        text_states = self.text_encoder(input_ids)
         timestep = torch.full_like(noise[:, 0, 0, 0], ONE_STEP_TIMESTEP)
-        velocity = self.unet(noise, timestep, text_states)
-        decoded = self.vae_decoder((noise + velocity) / self.scaling_factor)
-        images = (decoded / 2 + 0.5).clamp(0, 1)
-        return torch.round(images * 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def component_modules(pipeline: OneStepPipeline, fused: bool = False) -> dict[str, nn.Module]:
-    """The modules to export by component name (the names of `components.component_specs`)."""
-    modules: dict[str, nn.Module] = {
-        "text_encoder": TextEncoder(pipeline),
-        "unet": Unet(pipeline),
-        "vae_decoder": VaeDecoder(pipeline),
-    }
-    if fused:
-        modules["generator"] = OneStepGenerator(pipeline)
-    return {name: module.eval() for name, module in modules.items()}
+        io = one_step(
+            self.text_encoder,
+            self.unet,
+            self.vae_decoder,
+            input_ids,
+            noise,
+            timestep,
+            self.scaling_factor,
+        )
+        return to_uint8(io["vae_decoder"]["sample"])

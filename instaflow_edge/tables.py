@@ -1,0 +1,100 @@
+"""Plain-text tables the commands print: parity after export, validation, latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from instaflow_edge.gates import number
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _db(value: float | str) -> str:
+    shown = number(value)
+    return "inf dB (identical)" if shown == "inf" else f"{shown} dB"
+
+
+def parity_summary(bundle: Path) -> str:
+    """Where the bundle is and the parity numbers its manifest recorded, as a few lines."""
+    from instaflow_edge.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    what = manifest.quantization or manifest.precision
+    lines = [f"bundle: {bundle} ({manifest.target}, {what}, {len(manifest.components)} graphs)"]
+    parity = manifest.details.get("parity", {})
+    if "skipped" in parity:
+        return "\n".join([*lines, f"parity not checked: {parity['skipped']}"])
+    lines.append(f"parity vs {parity['against']} on {parity['executed_on']}:")
+    for name, metrics in [*parity["components"].items(), ("end_to_end", parity["end_to_end"])]:
+        if metrics.get("finite") is False:
+            numbers = "NaN or Inf in the output"
+        elif "psnr_db" in metrics:
+            numbers = f"tensor PSNR {_db(metrics['psnr_db'])}, cosine {metrics['cosine']:.6f}"
+        else:
+            numbers = f"image PSNR {_db(metrics['image_psnr_db'])}, SSIM {metrics['ssim']:.4f}"
+        if "vs_three_graphs_image_psnr_db" in metrics:
+            numbers += f"; vs the three graphs {_db(metrics['vs_three_graphs_image_psnr_db'])}"
+        lines.append(f"  {name:<13} max-abs {metrics['max_abs']:<10.3g} {numbers}")
+    for name, notes in manifest.details.get("notes", {}).items():
+        nodes = notes.get("fp32_nodes")
+        if nodes:
+            kept = "the whole graph" if nodes == ["*"] else f"{len(nodes)} ops"
+            lines.append(f"  {name}: beyond fp16 range, {kept} kept in fp32")
+    sizes = manifest.details.get("sizes")
+    if sizes:
+        lines.append(
+            f"size: {sizes['bytes_before'] / 2**20:.2f} MiB -> {sizes['bytes_after'] / 2**20:.2f} "
+            f"MiB ({sizes['ratio']:.2f}x smaller)"
+        )
+    return "\n".join(lines)
+
+
+def parity_table(report: dict[str, Any]) -> str:
+    """Per component and end to end: the numbers the gates read, and the verdict."""
+    rows = [["component", "output", "max-abs", "cosine", "tensor PSNR", "gates"]]
+    for name, result in report["components"].items():
+        if not result["compared"]:
+            rows.append([name, "-", "-", "-", "-", result["reason"]])
+            continue
+        verdict = "passed" if all(c["passed"] for c in result["checks"]) else "FAILED"
+        for output, m in result["outputs"].items():
+            rows.append(
+                [
+                    name,
+                    output,
+                    f"{m['max_abs']:.3g}",
+                    f"{m['cosine']:.6f}",
+                    _db(m["psnr_db"]),
+                    verdict,
+                ]
+            )
+    end = report["end_to_end"]
+    verdict = "passed" if all(c["passed"] for c in end["checks"]) else "FAILED"
+    rows.append(
+        ["end_to_end", "image", f"SSIM {end['ssim']:.4f}", "", _db(end["image_psnr_db"]), verdict]
+    )
+    return format_table(rows)
+
+
+def latency_table(latency: dict[str, Any]) -> str:
+    """The rows as aligned text: part, bundle p50/p90, PyTorch p50/p90, ratio."""
+    rows = [["part", "bundle p50", "p90", "PyTorch p50", "p90", "ratio (p50)"]]
+    for name, row in latency["rows"].items():
+        rows.append(
+            [
+                name,
+                f"{row['bundle']['p50_ms']:.2f} ms",
+                f"{row['bundle']['p90_ms']:.2f} ms",
+                f"{row['reference']['p50_ms']:.2f} ms",
+                f"{row['reference']['p90_ms']:.2f} ms",
+                f"{row['ratio_p50']:.2f}x",
+            ]
+        )
+    return format_table(rows)

@@ -1,0 +1,314 @@
+"""The contract every target keeps, checked the same way for each target by one suite.
+
+Targets: onnx, openvino, coreml, and "toy", a fourth target that the suite adds as one exporter
+module and one runtime module (tests/toy_target/) and nothing else. Per target: the export is
+checked where it happens and refused when it misses a gate, the manifest lists and hashes every
+file and names the runtime, any runtime loads the bundle by its manifest and reproduces PyTorch
+on inputs the export never saw, a tampered file is refused, an interrupted export leaves
+nothing; per quantization method: the same promises against the source bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from instaflow_edge import export as export_package
+from instaflow_edge import runtimes as runtimes_package
+from instaflow_edge.calibration.builder import build_calibration
+from instaflow_edge.calibration.prompts import load_prompts
+from instaflow_edge.components import COMPONENTS, RECIPE
+from instaflow_edge.errors import UserError
+from instaflow_edge.export import get_exporter, target_names
+from instaflow_edge.gates import GateFailed
+from instaflow_edge.manifest import MANIFEST_NAME, BundleError, read_manifest
+from instaflow_edge.metrics import image_psnr
+from instaflow_edge.runtimes import load_session
+from tests.conftest import component_psnr
+
+TOY = Path(__file__).parent / "toy_target"
+TARGETS = ["onnx", "openvino", "coreml", "toy"]
+# (target, method): every quantization method that runs in seconds on the embedded model
+METHODS = [
+    ("onnx", "fp16"),
+    ("onnx", "int8-dynamic"),
+    ("onnx", "int8-dynamic-all"),
+    ("onnx", "int8-static"),
+    ("openvino", "int8-weights"),
+    ("openvino", "hybrid"),
+    ("openvino", "int8-full"),
+    ("coreml", "palettize-8"),
+    ("coreml", "int8-linear"),
+    ("toy", "fp16"),
+]
+SLOW_METHODS = {("openvino", "int8-full"), ("onnx", "int8-dynamic-all"), ("coreml", "palettize-8")}
+UNSEEN_PROMPTS = load_prompts("synthetic")[200:202]  # neither the export check nor calibration
+UNSEEN_SEEDS = [200, 201]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def toy_target():
+    """Add the toy target's two modules to the export and runtime packages' paths."""
+    export_package.__path__.append(str(TOY / "export"))
+    runtimes_package.__path__.append(str(TOY / "runtimes"))
+    yield
+    export_package.__path__.remove(str(TOY / "export"))
+    runtimes_package.__path__.remove(str(TOY / "runtimes"))
+
+
+@pytest.fixture(scope="session")
+def bundles(pipeline, tmp_path_factory):
+    """fp32 bundles with the fused generator, exported once per target, on demand."""
+    made: dict[str, Path] = {}
+
+    def bundle(target: str) -> Path:
+        if target not in made:
+            out = tmp_path_factory.mktemp(target) / f"tiny-{target}-fp32"
+            made[target] = get_exporter(target).export(pipeline, out, "fp32", {"fused": True})
+        return made[target]
+
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def calibration(pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration") / "set"
+    return build_calibration(pipeline, load_prompts("synthetic", limit=8), out)
+
+
+@pytest.fixture(scope="session")
+def unseen(pipeline):
+    """PyTorch's tensors and images on prompts and seeds the export check never used."""
+    ids, noise = pipeline.tokenize(UNSEEN_PROMPTS), pipeline.make_noise(UNSEEN_SEEDS)
+    images = pipeline(input_ids=ids, noise=noise, output_type="np")
+    return ids.numpy(), noise.numpy(), pipeline.component_io(ids, noise), images
+
+
+def all_files(bundle: Path) -> set[str]:
+    return {
+        p.relative_to(bundle).as_posix()
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+
+
+# -- export ---------------------------------------------------------------------------------------
+def test_a_new_target_is_one_exporter_and_one_runtime_module():
+    assert "toy" in target_names()
+    assert {get_exporter(target).target for target in TARGETS} == set(TARGETS)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_export_records_parity_through_its_runtime_and_passes_the_gates(bundles, target):
+    bundle = bundles(target)
+    manifest = read_manifest(bundle)
+    assert (manifest.target, manifest.runtime) == (target, get_exporter(target).runtime)
+    assert (manifest.precision, manifest.quantization) == ("fp32", None)
+    assert manifest.sampling.timestep == 1000.0
+    parity = manifest.details["parity"]
+    assert parity["against"] == "PyTorch" and parity["gates"]["min_tensor_psnr_db"] == 60
+    assert set(parity["components"]) == set(COMPONENTS)  # the fused generator too
+    for name in RECIPE:
+        assert float(parity["components"][name]["psnr_db"]) >= 60, parity["components"][name]
+    for part in [*parity["components"].values(), parity["end_to_end"]]:
+        assert (
+            part["checks"]
+            and all(check["passed"] for check in part["checks"])
+            or (not part["checks"] and "image_psnr_db" in part)
+        )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_manifest_is_a_closed_world(bundles, target):
+    bundle = bundles(target)
+    manifest = read_manifest(bundle)
+    assert set(manifest.all_files()) == all_files(bundle)  # every file listed and hashed
+    assert (bundle / "tokenizer" / "tokenizer.json").is_file()
+    for name, entry in manifest.components.items():
+        assert entry.file == get_exporter(target).layout[name]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bundle_reproduces_pytorch_on_unseen_inputs(bundles, unseen, target):
+    ids, noise, io, images = unseen
+    session = load_session(bundles(target), fused=False)
+    np.testing.assert_array_equal(session.tokenize(UNSEEN_PROMPTS), ids)  # its own tokenizer
+    psnr = component_psnr(session, io)
+    assert min(psnr.values()) >= 60, psnr
+    three = session.generate(ids, noise)
+    fused = load_session(bundles(target)).generate(ids, noise)  # the generator graph
+    assert three.dtype == fused.dtype == np.uint8 and three.shape == images.shape
+    assert image_psnr(images, three) >= 40 and image_psnr(images, fused) >= 40
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_tampered_file_is_refused_by_name(bundles, target, tmp_path):
+    import shutil
+
+    bundle = shutil.copytree(bundles(target), tmp_path / "tampered")
+    name, _ = max(read_manifest(bundle).components["unet"].files.items(), key=lambda kv: kv[0])
+    path = bundle / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} does not match"):
+        load_session(bundle)
+
+
+class ScaledUnet(torch.nn.Module):
+    """A UNet whose output is 1% off: what a bad conversion of one layer would give."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states) * 1.01
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_parity_miss_fails_every_target_the_same_way(pipeline, target, tmp_path, monkeypatch):
+    exporter = get_exporter(target)
+    convert = exporter.convert
+
+    def misconvert(module, spec, *args):
+        return convert(ScaledUnet(module) if spec.name == "unet" else module, spec, *args)
+
+    monkeypatch.setattr(exporter, "convert", misconvert)
+    with pytest.raises(GateFailed) as failed:
+        exporter.export(pipeline, tmp_path / "bundle", "fp32")
+    message = str(failed.value)
+    assert message.startswith(f"{target} fp32 bundle missed its parity gates against PyTorch: ")
+    assert "unet: out_sample tensor PSNR" in message and "< 60.00 dB" in message
+    assert "text_encoder" not in message
+    assert list(tmp_path.iterdir()) == []  # nothing committed, no staging left
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_interrupted_export_leaves_nothing(pipeline, target, tmp_path, monkeypatch):
+    exporter = get_exporter(target)
+
+    def crash(model, path, *args):
+        raise RuntimeError("simulated crash mid-export")
+
+    monkeypatch.setattr(exporter, "save", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        exporter.export(pipeline, tmp_path / "bundle", "fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_fp16_export_keeps_35_db(pipeline, unseen, target, tmp_path):
+    bundle = get_exporter(target).export(pipeline, tmp_path / "fp16", "fp16")
+    manifest = read_manifest(bundle)
+    assert manifest.precision == "fp16" and manifest.details["parity"]["gates"]["basis"] == "fp16"
+    psnr = component_psnr(load_session(bundle), unseen[2])
+    assert min(psnr.values()) >= 35, psnr
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_export_mistakes_are_one_line_user_errors(pipeline, target, tmp_path):
+    exporter = get_exporter(target)
+    with pytest.raises(UserError, match="unknown precision 'int3'"):
+        exporter.export(pipeline, tmp_path / "b", "int3")
+    with pytest.raises(UserError, match="unknown option 'colour' for .*; known: fused"):
+        exporter.export(pipeline, tmp_path / "b", "fp32", {"colour": "red"})
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        exporter.export(pipeline, tmp_path / "b", "fp32")
+
+
+# -- quantization ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("target", "method"),
+    [
+        pytest.param(*case, marks=pytest.mark.slow) if case in SLOW_METHODS else case
+        for case in METHODS
+    ],
+)
+def test_quantized_bundle_keeps_the_contract(
+    bundles, calibration, unseen, target, method, tmp_path
+):
+    exporter = get_exporter(target)
+    source = bundles(target)
+    given = calibration if method in exporter.calibrated_methods else None
+    bundle = exporter.quantize(source, tmp_path / method, method, given)
+    manifest = read_manifest(bundle)
+    assert (manifest.target, manifest.runtime, manifest.quantization) == (
+        target,
+        exporter.runtime,
+        method,
+    )
+    assert manifest.source_model == read_manifest(source).source_model
+    assert set(manifest.all_files()) == all_files(bundle)
+    parity = manifest.details["parity"]
+    assert parity["against"] == "source bundle"
+    checks = [c for part in parity["components"].values() for c in part["checks"]]
+    assert checks and all(c["passed"] for c in [*checks, *parity["end_to_end"]["checks"]])
+    sizes = manifest.details["sizes"]
+    assert sizes["bytes_after"] < sizes["bytes_before"]  # the weights did shrink
+    if given is not None:
+        assert manifest.details["calibration"]["samples"] == 8
+    ids, noise, _, images = unseen
+    assert image_psnr(images, load_session(bundle, fused=False).generate(ids, noise)) >= 25
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_quantize_refusals_are_the_same_for_every_target(bundles, pipeline, target, tmp_path):
+    exporter = get_exporter(target)
+    source = bundles(target)
+    with pytest.raises(UserError, match=f"unknown method 'int2' for target {target}; choose"):
+        exporter.quantize(source, tmp_path / "q", "int2")
+    for method in exporter.calibrated_methods[:1]:
+        with pytest.raises(UserError, match=f"{method} needs --calibration SET"):
+            exporter.quantize(source, tmp_path / "q", method)
+        with pytest.raises(UserError, match="not a calibration set"):
+            exporter.quantize(source, tmp_path / "q", method, tmp_path)
+    assert not (tmp_path / "q").exists()
+
+
+# -- runtimes -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_edge_runtime_runs_with_torch_blocked(bundles, unseen, target, tmp_path):
+    ids, noise, _, images = unseen
+    np.save(tmp_path / "noise.npy", noise)
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+        import numpy as np
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+                    raise ImportError(f"{{name}} is blocked")
+
+        sys.meta_path.insert(0, Block())
+        from instaflow_edge.runtimes import load_session
+
+        session = load_session({str(bundles(target))!r})
+        ids = session.tokenize({UNSEEN_PROMPTS!r})
+        image = session.generate(ids, np.load({str(tmp_path / "noise.npy")!r}))
+        np.save({str(tmp_path / "image.npy")!r}, image)
+        loaded = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
+        print(json.dumps({{"ids": ids.tolist(), "loaded": loaded}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["loaded"] == [] and result["ids"] == ids.tolist()
+    assert image_psnr(images, np.load(tmp_path / "image.npy")) >= 40
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_unknown_runtime_option_names_the_known_ones(bundles, target):
+    with pytest.raises(UserError, match="unknown option 'warp_speed'.*known: fused"):
+        load_session(bundles(target), warp_speed=True)

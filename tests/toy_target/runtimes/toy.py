@@ -1,0 +1,42 @@
+"""The toy target's runtime: TorchScript components run by `torch.jit` on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instaflow_edge.errors import UserError
+from instaflow_edge.manifest import Manifest
+from instaflow_edge.runtimes.base import BundleSession, Runtime, RuntimeOptions, Session
+
+
+class ToySession(BundleSession):
+    runtime = "toy"
+    executed_on = "torch.jit (CPU)"
+
+    def __init__(self, bundle: Path, manifest: Manifest, options: RuntimeOptions):
+        self.attach_bundle(bundle, manifest, options)
+        self.modules = {
+            name: torch.jit.load(str(bundle / entry.file)).float().eval()
+            for name, entry in manifest.components.items()
+        }
+
+    def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[component]
+        with torch.no_grad():
+            out = self.modules[component](*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
+        return {spec.outputs[0].name: out.numpy()}
+
+
+class ToyRuntime(Runtime):
+    name = "toy"
+    target = "toy"
+
+    def open(
+        self, bundle: Path, manifest: Manifest, device: str, options: RuntimeOptions
+    ) -> Session:
+        if device != "cpu":
+            raise UserError(f"unknown device {device!r} for the toy runtime: use cpu")
+        return ToySession(bundle, manifest, options)
