@@ -32,19 +32,22 @@ def size_mib(path: Path) -> float:
 
 
 def stage_convert(package: Path) -> dict:
-    from instaflow_edge.components import component_specs
-    from instaflow_edge.export.coreml import batch_one, check_examples, convert, resolve_settings
-    from instaflow_edge.export.parity import pytorch_io
-    from instaflow_edge.fused import component_modules
+    from instaflow_edge.components import COMPONENTS, component_specs
+    from instaflow_edge.export import get_exporter
+    from instaflow_edge.export.base import feeds_for, pytorch_io
     from instaflow_edge.pipeline import OneStepPipeline
 
+    exporter = get_exporter("coreml")
+    options = exporter.export_options()  # the defaults: original attention, ALL, iOS16
     pipeline = OneStepPipeline.from_pretrained("sd15")
-    spec = batch_one(component_specs(pipeline.shapes)["unet"])
-    feeds = check_examples(pytorch_io(pipeline))["unet"]
-    module = component_modules(pipeline)["unet"]
+    batch = exporter.static_batch(options)
+    spec = component_specs(pipeline.shapes)["unet"].with_batch(batch).with_dtypes(exporter.dtypes)
+    example = feeds_for(spec, pytorch_io(pipeline, batch or 1)["unet"])
+    module = COMPONENTS["unet"].build(pipeline)
     start = time.perf_counter()
-    model = convert(module, spec, feeds, "fp16", resolve_settings({}))
-    model.save(str(package))
+    with exporter.scratch():  # coremltools' temporary packages, removed after the save
+        model = exporter.convert(module, spec, example, "fp16", options, {})
+        exporter.save(model, package, "fp16", options)
     return {"seconds": time.perf_counter() - start, "size_mib": size_mib(package)}
 
 

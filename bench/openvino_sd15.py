@@ -62,9 +62,9 @@ def phase_quantize(workdir: Path) -> dict:
 
 
 def phase_latency(workdir: Path, runs: int) -> dict:
-    from instaflow_edge.flow import ONE_STEP_TIMESTEP
     from instaflow_edge.metrics import tensor_metrics
     from instaflow_edge.pipeline import OneStepPipeline
+    from instaflow_edge.recipe import ONE_STEP_TIMESTEP
     from instaflow_edge.runtimes import load_session
     from instaflow_edge.runtimes.torch_ref import TorchSession
 

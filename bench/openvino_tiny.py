@@ -19,6 +19,9 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results" / "openvino_tiny.json"
 OUTPUTS = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
 METHODS = ("int8-weights", "int4-weights", "hybrid", "int8-full")
+# int4 is measured, not gated: its quantized gates (image PSNR, UNet cosine) are off, so that a
+# miss is a number in the results instead of a GateFailed; NaN/Inf still fail
+MEASURED_ONLY = {"int4-weights": {"min_image_psnr_db": None, "min_unet_cosine": None}}
 
 
 def main() -> None:
@@ -58,7 +61,13 @@ def main() -> None:
         )
         bundles = {p: exporter.export(pipeline, work / p, p) for p in ("fp32", "fp16")}
         for method in METHODS:
-            bundles[method] = exporter.quantize(bundles["fp32"], work / method, method, calibration)
+            bundles[method] = exporter.quantize(
+                bundles["fp32"],
+                work / method,
+                method,
+                calibration if method in exporter.calibrated_methods else None,
+                gate_overrides=MEASURED_ONLY.get(method),
+            )
         for name, bundle in bundles.items():
             session = load_session(bundle)
             parity = {}

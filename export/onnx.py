@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from instaflow_edge.components import ComponentSpec
+from instaflow_edge.components import COMPONENTS, ComponentSpec
 from instaflow_edge.export.base import Exporter, ExportOptions, QuantizeOptions
 from instaflow_edge.options import option
 
@@ -70,7 +70,7 @@ class OnnxExporter(Exporter):
 
     target = "onnx"
     runtime = "onnxruntime"
-    layout = {name: f"{name}/{MODEL_FILE}" for name in OPTIMIZER_MODEL_TYPES}
+    layout = {name: f"{name}/{MODEL_FILE}" for name in COMPONENTS}  # optimum's folders
     converter = f"torch.onnx (TorchScript-based, dynamo=False), opset {OPSET}"
     export_options = OnnxExportOptions
     quantize_options = OnnxQuantizeOptions

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from instaflow_edge.components import BATCH, ComponentSpec
+from instaflow_edge.components import BATCH, COMPONENTS, ComponentSpec
 from instaflow_edge.export.base import Exporter, ExportOptions
 from instaflow_edge.options import option
 
@@ -45,10 +45,7 @@ class OpenVinoExporter(Exporter):
 
     target = "openvino"
     runtime = "openvino"
-    layout = {
-        name: f"{name}/{MODEL_FILE}"
-        for name in ("text_encoder", "unet", "vae_decoder", "generator")
-    }
+    layout = {name: f"{name}/{MODEL_FILE}" for name in COMPONENTS}  # optimum-intel's folders
     converter = "openvino.convert_model from PyTorch"
     export_options = OpenVinoExportOptions
     methods = ("int8-weights", "int4-weights", "hybrid", "int8-full")
