@@ -34,7 +34,7 @@ def size_mib(path: Path) -> float:
 def stage_convert(package: Path) -> dict:
     from instaflow_edge.components import COMPONENTS, component_specs
     from instaflow_edge.export import get_exporter
-    from instaflow_edge.export.base import feeds_for, pytorch_io
+    from instaflow_edge.export.base import Conversion, feeds_for, pytorch_io
     from instaflow_edge.pipeline import OneStepPipeline
 
     exporter = get_exporter("coreml")
@@ -46,8 +46,9 @@ def stage_convert(package: Path) -> dict:
     module = COMPONENTS["unet"].build(pipeline)
     start = time.perf_counter()
     with exporter.scratch():  # coremltools' temporary packages, removed after the save
-        model = exporter.convert(module, spec, example, "fp16", options, {})
-        exporter.save(model, package, "fp16", options)
+        job = Conversion(module, spec, example, "fp16", options)
+        model = exporter.convert(job)
+        exporter.save(model, package, job)
     return {"seconds": time.perf_counter() - start, "size_mib": size_mib(package)}
 
 

@@ -16,7 +16,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +65,38 @@ class QuantizeOptions(Options):
     """Quantization options of every target."""
 
 
+@dataclass
+class Conversion:
+    """One component to convert: its torch module, its spec (in the target's batch and dtypes),
+    example inputs (PyTorch's, in those dtypes), the precision and options; `notes` collects what
+    the target finds worth recording in the manifest."""
+
+    module: Any
+    spec: ComponentSpec
+    example: dict[str, np.ndarray]
+    precision: str
+    options: ExportOptions
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Quantization:
+    """One component to quantize: the source file and where its copy goes, its spec, the method,
+    the source bundle's precision, the calibration set when the method takes one, the
+    component's inputs and outputs in the source bundle on fixed inputs, the options; `notes`
+    collects what is worth recording."""
+
+    source: Path
+    dest: Path
+    spec: ComponentSpec
+    method: str
+    precision: str
+    calibration: Any
+    reference: dict[str, np.ndarray]
+    options: QuantizeOptions
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
 class Exporter(ABC):
     """One target: export a model to a bundle, and quantize a bundle into a new bundle.
 
@@ -90,39 +122,15 @@ class Exporter(ABC):
         return None
 
     @abstractmethod
-    def convert(
-        self,
-        module: Any,
-        spec: ComponentSpec,
-        example: dict[str, np.ndarray],
-        precision: str,
-        options: ExportOptions,
-        notes: dict[str, Any],
-    ) -> Any:
-        """The target's model of one torch module (`notes`: anything worth recording)."""
+    def convert(self, job: Conversion) -> Any:
+        """The target's model of one component's torch module."""
 
     @abstractmethod
-    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+    def save(self, model: Any, path: Path, job: Conversion) -> None:
         """Write the model at `path` (its layout entry), with whatever files it needs beside it."""
 
-    def quantize_component(
-        self,
-        source: Path,
-        dest: Path,
-        spec: ComponentSpec,
-        method: str,
-        precision: str,
-        calibration: Any,
-        reference: dict[str, np.ndarray],
-        options: QuantizeOptions,
-        notes: dict[str, Any],
-    ) -> bool:
-        """Write a quantized copy of one component; False leaves the component out of the bundle.
-
-        `precision` is the source bundle's; `reference` holds the component's inputs and outputs
-        from the source bundle (fixed check inputs); `calibration` is the calibration set when
-        the method takes one.
-        """
+    def quantize_component(self, job: Quantization) -> bool:
+        """Write a quantized copy of one component; False leaves the component out of the bundle."""
         raise UserError(f"target {self.target} has no quantization methods")
 
     def scratch(self) -> AbstractContextManager:
@@ -172,13 +180,14 @@ class Exporter(ABC):
             for name, spec in tqdm(specs.items(), desc=f"export {self.target}", unit="graph"):
                 module = COMPONENTS[name].build(pipeline)
                 example = feeds_for(spec, traced[name])
-                notes[name] = {}
+                job = Conversion(module, spec, example, precision, options)
+                notes[name] = job.notes
                 path = staging / self.layout[name]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with self.scratch():
-                    model = self.convert(module, spec, example, precision, options, notes[name])
-                    self.save(model, path, precision, options)
-                    del model, module
+                    model = self.convert(job)
+                    self.save(model, path, job)
+                    del model, module, job
             assets = copy_tokenizer(pipeline, staging) + self.write_assets(staging, specs, options)
             manifest = Manifest(
                 target=self.target,
@@ -244,19 +253,19 @@ class Exporter(ABC):
             for name, entry in tqdm(manifest.components.items(), desc=method, unit="graph"):
                 dest = staging / entry.file
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                notes[name] = {}
+                job = Quantization(
+                    bundle / entry.file,
+                    dest,
+                    entry.spec,
+                    method,
+                    manifest.precision,
+                    calibration_set,
+                    reference[name],
+                    options,
+                )
+                notes[name] = job.notes
                 with self.scratch():
-                    kept = self.quantize_component(
-                        bundle / entry.file,
-                        dest,
-                        entry.spec,
-                        method,
-                        manifest.precision,
-                        calibration_set,
-                        reference[name],
-                        options,
-                        notes[name],
-                    )
+                    kept = self.quantize_component(job)
                 if kept:
                     specs[name] = entry.spec
                 else:

@@ -27,7 +27,13 @@ import numpy as np
 
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
-from instaflow_edge.export.base import Exporter, ExportOptions, QuantizeOptions
+from instaflow_edge.export.base import (
+    Conversion,
+    Exporter,
+    ExportOptions,
+    Quantization,
+    QuantizeOptions,
+)
 from instaflow_edge.metrics import tensor_metrics
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.coreml import COMPUTE_UNITS
@@ -204,31 +210,22 @@ class CoreMLExporter(Exporter):
     def static_batch(self, options: ExportOptions) -> int | None:
         return 1
 
-    def convert(
-        self,
-        module: torch.nn.Module,
-        spec: ComponentSpec,
-        example: dict[str, np.ndarray],
-        precision: str,
-        options: CoreMLExportOptions,
-        notes: dict[str, Any],
-    ) -> Any:
-        """Trace `module` on `example` and convert it to an mlprogram with the spec's names."""
+    def convert(self, job: Conversion) -> Any:
+        """Trace the module on the example and convert it to an mlprogram with the spec's names."""
         import coremltools as ct
         import torch
 
-        inputs = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
-        with attention_variant(module, options.attention) as variant:
+        spec, options = job.spec, job.options
+        inputs = tuple(torch.from_numpy(job.example[t.name]) for t in spec.inputs)
+        with attention_variant(job.module, options.attention) as variant:
             with torch.no_grad():
-                traced = torch.jit.trace(module, inputs)
+                traced = torch.jit.trace(job.module, inputs)
             if variant:
-                changed = run_module(module, spec, example)
+                changed = run_module(job.module, spec, job.example)
         if variant:  # the reference stays the original attention: say what the variant costs
-            psnr = tensor_metrics(run_module(module, spec, example), changed)["psnr_db"]
-            notes["split_einsum_vs_original_psnr_db"] = psnr
-            logger.info(
-                "%s: split-einsum vs original attention in PyTorch: %.1f dB", spec.name, psnr
-            )
+            psnr = tensor_metrics(run_module(job.module, spec, job.example), changed)["psnr_db"]
+            job.notes["split_einsum_vs_original_psnr_db"] = psnr
+            logger.info("%s: split-einsum vs original attention: %.1f dB", spec.name, psnr)
         return ct.convert(
             traced,
             inputs=[
@@ -243,7 +240,7 @@ class CoreMLExporter(Exporter):
             ],
             convert_to="mlprogram",
             compute_precision=(
-                ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32
+                ct.precision.FLOAT16 if job.precision == "fp16" else ct.precision.FLOAT32
             ),
             compute_units=ct.ComputeUnit[options.compute_units],
             minimum_deployment_target=_deployment_target(options.min_target),
@@ -253,7 +250,7 @@ class CoreMLExporter(Exporter):
     def scratch(self) -> Any:
         return coremltools_scratch()
 
-    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+    def save(self, model: Any, path: Path, job: Conversion) -> None:
         model.save(str(path))
 
     def write_assets(
@@ -263,22 +260,12 @@ class CoreMLExporter(Exporter):
             shutil.copy2(staging / "tokenizer" / file, staging / file)
         return list(APPLE_TOKENIZER_FILES)
 
-    def quantize_component(
-        self,
-        source: Path,
-        dest: Path,
-        spec: ComponentSpec,
-        method: str,
-        precision: str,
-        calibration: CalibrationSet | None,
-        reference: dict[str, np.ndarray],
-        options: CoreMLQuantizeOptions,
-        notes: dict[str, Any],
-    ) -> bool:
-        if method == "mixed" and spec.name == "unet":
-            notes["mixed"] = compress_mixed(source, dest, calibration, options)
+    def quantize_component(self, job: Quantization) -> bool:
+        if job.method == "mixed" and job.spec.name == "unet":
+            job.notes["mixed"] = compress_mixed(job.source, job.dest, job.calibration, job.options)
         else:  # mixed: the other packages at 8 bits
-            compress_package(source, dest, "palettize-8" if method == "mixed" else method)
+            method = "palettize-8" if job.method == "mixed" else job.method
+            compress_package(job.source, job.dest, method)
         return True
 
 

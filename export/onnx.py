@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from instaflow_edge.components import COMPONENTS, ComponentSpec
-from instaflow_edge.export.base import Exporter, ExportOptions, QuantizeOptions
+from instaflow_edge.export.base import (
+    Conversion,
+    Exporter,
+    ExportOptions,
+    Quantization,
+    QuantizeOptions,
+)
 from instaflow_edge.options import option
 
 logger = logging.getLogger(__name__)
@@ -79,28 +85,20 @@ class OnnxExporter(Exporter):
     quantizes_from = ("fp32",)
     method_precisions = {"fp16": "fp16"}
 
-    def convert(
-        self,
-        module: Any,
-        spec: ComponentSpec,
-        example: dict[str, np.ndarray],
-        precision: str,
-        options: OnnxExportOptions,
-        notes: dict[str, Any],
-    ) -> Any:
+    def convert(self, job: Conversion) -> Any:
         import onnx
 
         with tempfile.TemporaryDirectory(prefix="instaflow-edge-onnx-") as scratch:
-            path = export_graph(module, spec, Path(scratch) / MODEL_FILE, example)
-            if options.device is not None:
-                optimize_graph(path, spec.name, options.device)
-            if precision == "fp16":
-                kept = convert_to_fp16(path, path, example, spec)
+            path = export_graph(job.module, job.spec, Path(scratch) / MODEL_FILE, job.example)
+            if job.options.device is not None:
+                optimize_graph(path, job.spec.name, job.options.device)
+            if job.precision == "fp16":
+                kept = convert_to_fp16(path, path, job.example, job.spec)
                 if kept:
-                    notes["fp32_nodes"] = kept
+                    job.notes["fp32_nodes"] = kept
             return onnx.load(str(path))
 
-    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+    def save(self, model: Any, path: Path, job: Conversion) -> None:
         save_onnx(model, path)
 
     def parity_device(self, options: OnnxExportOptions) -> str:
@@ -111,27 +109,16 @@ class OnnxExporter(Exporter):
     ) -> list[str]:
         return [write_model_index(staging, specs)]
 
-    def quantize_component(
-        self,
-        source: Path,
-        dest: Path,
-        spec: ComponentSpec,
-        method: str,
-        precision: str,
-        calibration: Any,
-        reference: dict[str, np.ndarray],
-        options: OnnxQuantizeOptions,
-        notes: dict[str, Any],
-    ) -> bool:
-        if method == "fp16":
-            kept = convert_to_fp16(source, dest, reference, spec)
+    def quantize_component(self, job: Quantization) -> bool:
+        if job.method == "fp16":
+            kept = convert_to_fp16(job.source, job.dest, job.reference, job.spec)
             if kept:
-                notes["fp32_nodes"] = kept
-        elif method == "int8-static":
-            feeds = calibration_feeds(calibration, spec)
-            quantize_static_qdq(source, dest, feeds, options.calibration_method)
+                job.notes["fp32_nodes"] = kept
+        elif job.method == "int8-static":
+            feeds = calibration_feeds(job.calibration, job.spec)
+            quantize_static_qdq(job.source, job.dest, feeds, job.options.calibration_method)
         else:
-            quantize_dynamic_int8(source, dest, all_ops=method == "int8-dynamic-all")
+            quantize_dynamic_int8(job.source, job.dest, all_ops=job.method == "int8-dynamic-all")
         return True
 
 

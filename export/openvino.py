@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from instaflow_edge.components import BATCH, COMPONENTS, ComponentSpec
-from instaflow_edge.export.base import Exporter, ExportOptions
+from instaflow_edge.export.base import Conversion, Exporter, ExportOptions, Quantization
 from instaflow_edge.options import option
 
 if TYPE_CHECKING:  # openvino and torch load only when a conversion runs
@@ -54,60 +52,42 @@ class OpenVinoExporter(Exporter):
     def static_batch(self, options: OpenVinoExportOptions) -> int | None:
         return None if options.dynamic_batch else 1
 
-    def convert(
-        self,
-        module: Any,
-        spec: ComponentSpec,
-        example: dict[str, np.ndarray],
-        precision: str,
-        options: ExportOptions,
-        notes: dict[str, Any],
-    ) -> ov.Model:
+    def convert(self, job: Conversion) -> ov.Model:
         """`ov.convert_model` from the PyTorch module, with the spec's tensor names and shapes."""
         import openvino as ov
         import torch
 
-        inputs = {name: torch.from_numpy(value) for name, value in example.items()}
+        inputs = {name: torch.from_numpy(value) for name, value in job.example.items()}
         with torch.no_grad():
-            model = ov.convert_model(module, example_input=inputs)
-        for port, tensor in zip(model.outputs, spec.outputs, strict=True):
+            model = ov.convert_model(job.module, example_input=inputs)
+        for port, tensor in zip(model.outputs, job.spec.outputs, strict=True):
             port.get_tensor().set_names({tensor.name})
         model.reshape(
             {
                 tensor.name: ov.PartialShape([-1 if d == BATCH else d for d in tensor.shape])
-                for tensor in spec.inputs
+                for tensor in job.spec.inputs
             }
         )
         return model
 
-    def save(self, model: ov.Model, path: Path, precision: str, options: ExportOptions) -> None:
+    def save(self, model: ov.Model, path: Path, job: Conversion) -> None:
         import openvino as ov
 
         # ov.save_model stores fp16 weights unless told not to: an fp32 IR stays fp32 on disk
-        ov.save_model(model, path, compress_to_fp16=precision == "fp16")
+        ov.save_model(model, path, compress_to_fp16=job.precision == "fp16")
 
-    def quantize_component(
-        self,
-        source: Path,
-        dest: Path,
-        spec: ComponentSpec,
-        method: str,
-        precision: str,
-        calibration: CalibrationSet | None,
-        reference: dict[str, np.ndarray],
-        options: Any,
-        notes: dict[str, Any],
-    ) -> bool:
+    def quantize_component(self, job: Quantization) -> bool:
         import openvino as ov
 
-        if spec.name == "generator" and calibration is not None:
+        if job.spec.name == "generator" and job.calibration is not None:
             return False  # calibrated per component: the fused generator has no samples
-        model = quantize_component(ov.Core().read_model(source), spec, method, calibration)
-        ov.save_model(model, dest, compress_to_fp16=precision == "fp16")
+        model = ov.Core().read_model(job.source)
+        model = nncf_quantize(model, job.spec, job.method, job.calibration)
+        ov.save_model(model, job.dest, compress_to_fp16=job.precision == "fp16")
         return True
 
 
-def quantize_component(
+def nncf_quantize(
     model: ov.Model, spec: ComponentSpec, method: str, calibration: CalibrationSet | None
 ) -> ov.Model:
     """One component's IR quantized by `method` (optimum-intel's definitions for diffusion)."""

@@ -55,9 +55,22 @@ def component_psnr(session, io) -> dict[str, float]:
 
 
 @pytest.fixture(scope="session")
-def onnx_bundle(pipeline, tmp_path_factory):
-    """The embedded default exported to ONNX (fp32) with the fused generator, made once."""
+def bundles(pipeline, tmp_path_factory):
+    """The embedded default exported once per target (fp32, with the fused generator), on demand:
+    `bundles("coreml")`. Tests that change a bundle copy it first."""
     from instaflow_edge.export import get_exporter
 
-    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx-fp32"
-    return get_exporter("onnx").export(pipeline, out, "fp32", {"fused": True})
+    made = {}
+
+    def bundle(target: str):
+        if target not in made:
+            out = tmp_path_factory.mktemp(target) / f"tiny-{target}-fp32"
+            made[target] = get_exporter(target).export(pipeline, out, "fp32", {"fused": True})
+        return made[target]
+
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(bundles):
+    return bundles("onnx")

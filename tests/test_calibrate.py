@@ -59,6 +59,7 @@ def test_bad_prompts_are_user_errors(tmp_path, content, message):
         load_prompts(path)
 
 
+@pytest.mark.slow
 def test_calibrate_command_writes_a_set_quantizers_read(tmp_path):
     out = tmp_path / "set"
     args = ["calibrate", "--prompts", "synthetic", "--limit", "3", "--seed", "7", "--out", str(out)]

@@ -42,6 +42,7 @@ def test_every_subcommand_explains_itself(name, capsys):
     assert f"usage: instaflow-edge {name}" in text and len(text.splitlines()) > 3
 
 
+@pytest.mark.slow
 def test_generate_writes_the_same_png_for_the_same_seed(tmp_path):
     args = ["generate", "--prompt", "a red circle above a blue square", "--seed", "0"]
     first = run_cli(*args, "--out", str(tmp_path / "a.png"))
@@ -56,6 +57,7 @@ def test_generate_writes_the_same_png_for_the_same_seed(tmp_path):
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_generate_many_prompts_numbers_the_files(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\ntwo blue squares\na green triangle\n")

@@ -37,9 +37,8 @@ def reference(pipeline):
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("coreml") / "fp32"
-    return get_exporter("coreml").export(pipeline, out, "fp32", {"fused": True})
+def fp32_bundle(bundles):
+    return bundles("coreml")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +57,7 @@ def test_bundle_uses_apple_resource_names(fp32_bundle):
     assert manifest.details["parity"]["executed_on"].startswith(("MIL interpreter", "Core ML"))
 
 
+@pytest.mark.slow
 def test_fp16_split_einsum_matches_pytorch_at_35db(fp16_bundle, reference):
     manifest = read_manifest(fp16_bundle)
     assert manifest.details["options"]["attention"] == "split-einsum"
@@ -90,6 +90,7 @@ def test_palettize_4_of_an_fp16_bundle_is_smaller_still(fp16_bundle, reference, 
     assert sizes["ratio"] > 2.5  # 16 bits to 4, with the palettes and indices' overhead
 
 
+@pytest.mark.slow
 def test_compression_leaves_no_temporary_packages(fp16_bundle, tmp_path, monkeypatch):
     scratch = tmp_path / "system-tmp"
     scratch.mkdir()

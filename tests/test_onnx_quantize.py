@@ -95,6 +95,7 @@ def test_int8_dynamic_matmul_only_or_all_ops(onnx_bundle, pipeline, tmp_path, me
     assert ("ConvInteger" in ops) is integer_conv
 
 
+@pytest.mark.slow  # the fast tier quantizes int8-static in test_targets
 @pytest.mark.parametrize("calibration_method", ["minmax", "percentile"])
 def test_int8_static_qdq_per_channel_from_a_calibration_set(
     onnx_bundle, pipeline, calibration, tmp_path, calibration_method

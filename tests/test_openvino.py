@@ -44,9 +44,8 @@ def reference(pipeline, inputs):
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(pipeline, exporter, tmp_path_factory):
-    out = tmp_path_factory.mktemp("openvino") / "fp32"
-    return exporter.export(pipeline, out, "fp32")
+def fp32_bundle(bundles):
+    return bundles("openvino")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +69,7 @@ def test_fp32_export_has_a_static_batch_and_runs_in_f32(fp32_bundle):
     assert (session.executed_on, session.inference_precision) == ("CPU", "f32")
 
 
+@pytest.mark.slow
 def test_fp16_dynamic_batch_fused_export(
     pipeline, exporter, fp32_bundle, inputs, reference, tmp_path
 ):
@@ -99,6 +99,7 @@ def test_int4_weights_image_psnr(exporter, fp32_bundle, inputs, reference, tmp_p
     assert end_to_end_psnr(bundle, inputs, reference) >= 20
 
 
+@pytest.mark.slow
 def test_hybrid_quantizes_the_unets_activations(
     pipeline, exporter, calibration, inputs, reference, tmp_path
 ):
@@ -132,6 +133,7 @@ def test_devices_and_options(fp32_bundle, tmp_path):
     assert default.inference_precision in ("f32", "bf16", "f16")
 
 
+@pytest.mark.slow
 def test_cli_export_and_quantize(tmp_path):
     bundle = tmp_path / "tiny-openvino"
     done = run_cli("export", "--target", "openvino", "--out", str(bundle))

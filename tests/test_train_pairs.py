@@ -38,6 +38,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_make_the_same_pairs_as_one(tmp_path):
     settings = ["--num-pairs", "10", "--shard-size", "3", "--sample-steps", "2"]
     assert cli_main([*PAIRS, *settings, "--out", str(tmp_path / "one")]) == 0  # in this process
@@ -50,6 +51,7 @@ def test_two_gloo_processes_make_the_same_pairs_as_one(tmp_path):
     assert torch.allclose(single["z1"], double["z1"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_killed_pair_run_resumes_without_lost_or_repeated_pairs(tmp_path):
     out = tmp_path / "pairs"
     sizes = ["--num-pairs", "16", "--shard-size", "2", "--sample-steps", "8"]

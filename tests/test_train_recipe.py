@@ -18,6 +18,8 @@ from instaflow_edge.train.recipe import SCALES, run_recipe
 
 TRAINED = ("vae", "flow", "reflow", "distill_1rf", "distill_2rf")
 
+pytestmark = pytest.mark.slow  # the CI-size recipe: every stage, trained for real
+
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):

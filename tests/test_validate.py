@@ -261,6 +261,7 @@ def test_validate_mistakes_are_one_line(bundle, args, words):
     assert_one_line_error(run_cli("validate", *base, *args), *words)
 
 
+@pytest.mark.slow
 def test_onnx_bundle_validates_and_a_damaged_unet_fails(onnx_bundle, tmp_path):
     import shutil
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from instaflow_edge.components import COMPONENTS, ComponentSpec
-from instaflow_edge.export.base import Exporter, ExportOptions
+from instaflow_edge.components import COMPONENTS
+from instaflow_edge.export.base import Conversion, Exporter, Quantization
 
 
 class ToyExporter(Exporter):
@@ -26,26 +25,16 @@ class ToyExporter(Exporter):
     quantizes_from = ("fp32",)
     method_precisions = {"fp16": "fp16"}
 
-    def convert(
-        self,
-        module: Any,
-        spec: ComponentSpec,
-        example: dict[str, np.ndarray],
-        precision: str,
-        options: ExportOptions,
-        notes: dict[str, Any],
-    ) -> Any:
-        inputs = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
+    def convert(self, job: Conversion) -> Any:
+        inputs = tuple(torch.from_numpy(job.example[t.name]) for t in job.spec.inputs)
         with torch.no_grad():
-            return torch.jit.trace(module, inputs, check_trace=False)
+            return torch.jit.trace(job.module, inputs, check_trace=False)
 
-    def save(self, model: Any, path: Path, precision: str, options: ExportOptions) -> None:
+    def save(self, model: Any, path: Path, job: Conversion) -> None:
         torch.jit.save(model, str(path))  # shares the pipeline's weights: halve a loaded copy
-        if precision == "fp16":
+        if job.precision == "fp16":
             torch.jit.save(torch.jit.load(str(path)).half(), str(path))
 
-    def quantize_component(
-        self, source, dest, spec, method, precision, calibration, reference, options, notes
-    ) -> bool:
-        torch.jit.save(torch.jit.load(str(source)).half(), str(dest))
+    def quantize_component(self, job: Quantization) -> bool:
+        torch.jit.save(torch.jit.load(str(job.source)).half(), str(job.dest))
         return True
