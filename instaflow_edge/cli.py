@@ -19,6 +19,7 @@ from instaflow_edge.commands import (
     validate,
 )
 from instaflow_edge.errors import UserError
+from instaflow_edge.gates import GateFailed
 
 PROG = "instaflow-edge"
 DESCRIPTION = """\
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.quiet)
     try:
         return int(args.run(args) or 0)
+    except GateFailed as error:  # as validate: 1 when a gate fails, nothing written
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     except UserError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -69,6 +69,13 @@ def test_cli_export_writes_a_bundle_and_prints_parity(tmp_path):
     assert_one_line_error(again, "already exists", "--overwrite")
 
 
+def test_cli_export_that_misses_a_gate_exits_1_and_writes_nothing(tmp_path):
+    result = run_cli("export", "--out", str(tmp_path / "b"), "--min-tensor-psnr", "200")
+    assert result.returncode == 1
+    assert_one_line_error(result, "missed its parity gates", "< 200.00 dB")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
