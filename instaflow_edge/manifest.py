@@ -33,6 +33,11 @@ TRACKED_LIBRARIES = (
 )
 
 
+# what every bundle session opens besides the components: the bundle's own tokenizer
+REQUIRED_ASSETS = ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+TENSOR_DTYPES = ("int64", "int32", "float32", "float16", "uint8")
+
+
 class BundleError(UserError):
     """A bundle that is missing, malformed, or does not match its manifest."""
 
@@ -187,16 +192,92 @@ def read_manifest(bundle_dir: Path) -> Manifest:
             f"{path} has schema version {schema!r}; this toolkit reads version {SCHEMA_VERSION}"
         )
     try:
-        return Manifest.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BundleError(f"{path} is malformed: missing or bad field {error}") from error
+    check_contract(manifest, path)
+    return manifest
+
+
+def check_contract(manifest: Manifest, path: Path) -> None:
+    """Refuse a manifest whose components break the contract every runtime relies on: the
+    recipe's three components present, tensor names as declared in `components.COMPONENTS`,
+    known dtypes, shapes that agree with the sampling recipe."""
+    from instaflow_edge.components import COMPONENTS, RECIPE, ModelShapes
+
+    missing = [name for name in RECIPE if name not in manifest.components]
+    if missing:
+        raise BundleError(f"{path} is malformed: it has no {', '.join(missing)} component")
+    latent = manifest.sampling.latent_shape
+    if len(latent) != 3 or latent[1] != latent[2]:
+        raise BundleError(f"{path} is malformed: latent shape {latent} is not (C, S, S)")
+    text = manifest.components["text_encoder"].spec.outputs[0].shape
+    if len(text) != 3 or not all(isinstance(d, int) for d in text[1:]):
+        raise BundleError(f"{path} is malformed: text states shape {list(text)}")
+    size = manifest.sampling.image_size
+    shapes = ModelShapes(text[1], text[2], latent[0], latent[1], size)
+    for name, entry in manifest.components.items():
+        if name not in COMPONENTS:
+            raise BundleError(f"{path} is malformed: unknown component {name!r}")
+        expected = COMPONENTS[name].spec(shapes)
+        if len(entry.spec.inputs) != len(expected.inputs) or len(entry.spec.outputs) != len(
+            expected.outputs
+        ):
+            raise BundleError(f"{path} is malformed: {name} has the wrong number of tensors")
+        pairs = [
+            *zip(entry.spec.inputs, expected.inputs, strict=True),
+            *zip(entry.spec.outputs, expected.outputs, strict=True),
+        ]
+        for got, want in pairs:
+            if got.name != want.name:
+                raise BundleError(
+                    f"{path} is malformed: {name} tensor {got.name!r} should be {want.name!r}"
+                )
+            if got.dtype not in TENSOR_DTYPES:
+                raise BundleError(f"{path} is malformed: {name}.{got.name} dtype {got.dtype!r}")
+            if list(got.shape[1:]) != list(want.shape[1:]) or not (
+                got.shape[0] == want.shape[0] or isinstance(got.shape[0], int)
+            ):
+                raise BundleError(
+                    f"{path} is malformed: {name}.{got.name} shape {list(got.shape)} disagrees "
+                    f"with the sampling recipe ({list(want.shape)})"
+                )
+
+
+def inside(bundle_dir: Path, relative: str) -> Path:
+    """The path of a file the manifest names, refused unless it stays inside the bundle: no
+    absolute path, no `..`, no link that leads out."""
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts:
+        raise BundleError(f"bundle {bundle_dir}: {relative!r} is not a path inside the bundle")
+    path = Path(bundle_dir) / relative
+    if not path.resolve().is_relative_to(Path(bundle_dir).resolve()):
+        raise BundleError(f"bundle {bundle_dir}: {relative} links outside the bundle")
+    return path
 
 
 def verify_bundle(bundle_dir: Path) -> Manifest:
-    """Read the manifest and check every listed file's sha256; refuse the bundle naming the file."""
+    """Read the manifest and check that it is a closed world (every file any code opens is
+    listed, inside the bundle, and matches its sha256); refuse the bundle naming the file."""
+    bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    for relative in REQUIRED_ASSETS:
+        if relative not in manifest.assets:
+            raise BundleError(f"bundle {bundle_dir}: its manifest does not list {relative}")
+    for name, entry in manifest.components.items():
+        main = inside(bundle_dir, entry.file)
+        if not entry.files:
+            raise BundleError(f"bundle {bundle_dir}: component {name} lists no files")
+        owned = (
+            {p.relative_to(bundle_dir).as_posix() for p in main.rglob("*") if p.is_file()}
+            if main.is_dir()
+            else {entry.file}
+        )
+        unlisted = sorted(owned - set(entry.files))
+        if unlisted:
+            raise BundleError(f"bundle {bundle_dir}: {unlisted[0]} is not in its manifest")
     for relative, expected in manifest.all_files().items():
-        path = Path(bundle_dir) / relative
+        path = inside(bundle_dir, relative)
         if not path.is_file():
             raise BundleError(f"bundle {bundle_dir} is missing {relative}")
         if sha256_file(path) != expected:

@@ -33,7 +33,9 @@ def bundle(tmp_path):
         "unet/model.onnx.data": b"unet-weights" * 100,
         "vae_decoder/model.onnx": b"vae",
         "tokenizer/tokenizer.json": b"{}",
+        "tokenizer/tokenizer_config.json": b"{}",
         "Unet.mlpackage/Data/model.mlmodel": b"spec",  # a directory-shaped component file
+        "Unet.mlpackage/Manifest.json": b"{}",
     }
     for relative, content in files.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,9 @@ def bundle(tmp_path):
         source_model={"id": "embedded:tiny", "sha256": "0" * 64},
         sampling=SamplingRecipe(latent_shape=[4, 16, 16], vae_scaling_factor=1.0, image_size=64),
         components=components,
-        assets=hash_files(tmp_path, ["tokenizer/tokenizer.json"]),
+        assets=hash_files(
+            tmp_path, ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+        ),
     )
     write_manifest(tmp_path, manifest)
     return tmp_path
@@ -121,4 +125,71 @@ def test_missing_field_is_refused(bundle):
     del data["components"]["unet"]["files"]
     (bundle / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(BundleError, match="malformed"):
+        read_manifest(bundle)
+
+
+def edit(bundle, change) -> None:
+    """Rewrite the manifest's JSON with `change(data)` applied (a hostile or careless author)."""
+    path = bundle / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def outside_file(bundle):
+    secret = bundle.parent / "secret.txt"
+    secret.write_text("not the bundle's")
+    return secret
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda d, s: d["assets"].update({"../secret.txt": "0" * 64}), "not a path inside"),
+        (lambda d, s: d["assets"].update({str(s): "0" * 64}), "not a path inside"),
+        (lambda d, s: d["components"]["unet"].update(file="../secret.txt"), "not a path inside"),
+        (lambda d, s: d["components"]["unet"].update(files={}), "unet lists no files"),
+        (lambda d, s: d["assets"].pop("tokenizer/tokenizer.json"), "does not list tokenizer"),
+        (
+            lambda d, s: d["components"]["vae_decoder"]["files"].pop(
+                "Unet.mlpackage/Data/model.mlmodel"
+            ),
+            "Unet.mlpackage/Data/model.mlmodel is not in its manifest",
+        ),
+    ],
+)
+def test_a_manifest_that_reaches_outside_or_leaves_files_unlisted_is_refused(bundle, change, words):
+    secret = outside_file(bundle)
+    edit(bundle, lambda data: change(data, secret))
+    with pytest.raises(BundleError, match=words):
+        verify_bundle(bundle)
+
+
+def test_a_link_out_of_the_bundle_is_refused(bundle):
+    secret = outside_file(bundle)
+    link = bundle / "tokenizer" / "tokenizer.json"
+    link.unlink()
+    link.symlink_to(secret)
+    with pytest.raises(BundleError, match="tokenizer/tokenizer.json links outside the bundle"):
+        verify_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda d: d.update(components=[]), "malformed"),
+        (lambda d: d["components"].pop("unet"), "no unet component"),
+        (lambda d: d["components"]["unet"]["inputs"][0].update(dtype="float99"), "float99"),
+        (
+            lambda d: d["components"]["unet"]["outputs"][0].update(name="v"),
+            "should be 'out_sample'",
+        ),
+        (lambda d: d["components"]["unet"]["inputs"][0].update(shape=[1, 4, 8, 8]), "disagrees"),
+        (lambda d: d["sampling"].update(image_size=128), "disagrees"),
+        (lambda d: d["components"].update(safety_checker={}), "malformed"),
+    ],
+)
+def test_a_manifest_that_breaks_the_component_contract_is_refused(bundle, change, words):
+    edit(bundle, change)
+    with pytest.raises(BundleError, match=words):
         read_manifest(bundle)
