@@ -75,6 +75,10 @@ def parity_table(report: dict[str, Any]) -> str:
                     verdict,
                 ]
             )
+    tokens = report["tokenizer"]
+    verdict = "passed" if all(c["passed"] for c in tokens["checks"]) else "FAILED"
+    identical = f"{tokens['identical_prompts']}/{tokens['prompts']} prompts identical"
+    rows.append(["tokenizer", "token ids", identical, "", "", verdict])
     end = report["end_to_end"]
     verdict = "passed" if all(c["passed"] for c in end["checks"]) else "FAILED"
     rows.append(

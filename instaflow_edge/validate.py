@@ -14,11 +14,11 @@ from tqdm import tqdm
 
 from instaflow_edge import __version__
 from instaflow_edge.components import ComponentSpec
-from instaflow_edge.gates import Gates, failure_line, failures_of, number
+from instaflow_edge.gates import Gates, check, failure_line, failures_of, number
 from instaflow_edge.latency import compare_latency, environment
 from instaflow_edge.manifest import Manifest, read_manifest
 from instaflow_edge.metrics import image_psnr, ssim, tensor_metrics
-from instaflow_edge.recipe import ONE_STEP_TIMESTEP, with_generator
+from instaflow_edge.recipe import ONE_STEP_TIMESTEP, to_uint8, with_generator
 from instaflow_edge.runtimes import RuntimeOptions, Session, load_session
 from instaflow_edge.runtimes.torch_ref import TorchSession, load_reference
 
@@ -72,16 +72,18 @@ def validate_bundle(
 
     seeds = list(range(seed, seed + len(prompts)))
     input_ids = reference.tokenize(prompts)
+    bundle_ids = bundle.tokenize(prompts)  # end to end starts from the text, on both sides
+    tokenizer = compare_tokenizers(prompts, input_ids, bundle_ids)
     noise = reference.pipeline.make_noise(seeds).numpy()  # one tensor, fed to both sides
     components, feeds, reference_images = compare_components(
         bundle, reference, manifest, input_ids, noise, gates
     )
     end_to_end, bundle_images = compare_images(
-        bundle, reference_images, prompts, seeds, input_ids, noise, gates
+        bundle, reference_images, prompts, seeds, bundle_ids, noise, gates
     )
-    latency = compare_latency(bundle, reference, feeds, input_ids[:1], noise[:1], runs, warmup)
+    latency = compare_latency(bundle, reference, feeds, bundle_ids[:1], noise[:1], runs, warmup)
 
-    failures = failures_of({**components, "end_to_end": end_to_end})
+    failures = failures_of({"tokenizer": tokenizer, **components, "end_to_end": end_to_end})
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool": "instaflow-edge validate",
@@ -95,6 +97,7 @@ def validate_bundle(
         "reference": reference_info,
         "inputs": {"prompts": prompts, "seeds": seeds, "timestep": ONE_STEP_TIMESTEP},
         "gates": gates.to_dict(),
+        "tokenizer": tokenizer,
         "components": components,
         "end_to_end": end_to_end,
         "latency": latency,
@@ -119,6 +122,7 @@ def skipped_report(bundle_dir: Path, device: str, reason: str) -> dict[str, Any]
         "reference": None,
         "inputs": None,
         "gates": bundle_gates(manifest).to_dict(),
+        "tokenizer": None,
         "components": {},
         "end_to_end": None,
         "latency": None,
@@ -234,21 +238,39 @@ def _not_comparable(spec: ComponentSpec, recorded: dict[str, np.ndarray] | None)
     return None
 
 
+def compare_tokenizers(
+    prompts: list[str], reference_ids: np.ndarray, bundle_ids: np.ndarray
+) -> dict[str, Any]:
+    """The bundle's own tokenizer against the reference's on every prompt: identical ids or fail."""
+    same = [bool(np.array_equal(r, b)) for r, b in zip(reference_ids, bundle_ids, strict=True)]
+    return {
+        "identical_prompts": sum(same),
+        "prompts": len(prompts),
+        "differing_prompts": [p for p, ok in zip(prompts, same, strict=True) if not ok],
+        "checks": [check("token ids identical to the reference's", all(same), True)],
+    }
+
+
 def compare_images(
     bundle: Session,
     reference_images: np.ndarray,
     prompts: list[str],
     seeds: list[int],
-    input_ids: np.ndarray,
+    bundle_ids: np.ndarray,
     noise: np.ndarray,
     gates: Gates,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """The bundle generates end to end from the reference's ids and noise; image PSNR and SSIM
-    against the reference's images."""
-    bundle_images = []
+    """The bundle generates end to end through its three graphs from its own token ids and the
+    reference's noise; every tensor on the way must be finite; image PSNR and SSIM against the
+    reference's images from the same text."""
+    bundle_images, finite = [], True
     for index in tqdm(range(len(prompts)), desc="end to end", unit="image"):
         one = slice(index, index + 1)
-        bundle_images.append(bundle.generate(input_ids[one], noise[one]))
+        io = bundle.component_io(bundle_ids[one], noise[one])
+        floats = [v for t in io.values() for v in t.values() if v.dtype.kind == "f"]
+        finite = finite and all(np.isfinite(v).all() for v in floats)
+        with np.errstate(invalid="ignore"):  # NaN pixels: the finite check says so
+            bundle_images.append(to_uint8(np.nan_to_num(io["vae_decoder"]["sample"])))
     reference_array = reference_images
     bundle_array = np.concatenate(bundle_images)
     result: dict[str, Any] = {
@@ -265,7 +287,8 @@ def compare_images(
         ],
         "checks": [],
     }
-    result["checks"] = gates.image_checks(result)
+    result["finite"] = finite
+    result["checks"] = [check("finite (no NaN/Inf)", finite, True), *gates.image_checks(result)]
     return result, bundle_array
 
 

@@ -39,6 +39,7 @@ REPORT_KEYS = {
     "reference",
     "inputs",
     "gates",
+    "tokenizer",
     "components",
     "end_to_end",
     "latency",
@@ -159,7 +160,10 @@ def test_gates_are_overridable_and_recorded(damaged, tmp_path, capsys):
     gates = report["gates"]
     assert gates["min_tensor_psnr_db"] is None and gates["min_image_psnr_db"] == 3.0
     assert sorted(gates["overridden"]) == ["min_image_psnr_db", "min_tensor_psnr_db"]
-    assert [c["gate"] for c in report["end_to_end"]["checks"]] == ["image PSNR"]
+    assert [c["gate"] for c in report["end_to_end"]["checks"]] == [
+        "finite (no NaN/Inf)",
+        "image PSNR",
+    ]
     assert "overridden" in (tmp_path / "r" / "report.html").read_text()
 
 
@@ -230,7 +234,9 @@ def test_nan_output_fails_the_finite_gate(bundle, monkeypatch):
     validation = validate_bundle(bundle, ["a red circle"], reference_model="tiny", runs=1, warmup=0)
     failures = validation.report["failures"]
     assert [(f["where"], f["gate"]) for f in failures] == [
-        ("vae_decoder", "sample finite (no NaN/Inf)")
+        ("vae_decoder", "sample finite (no NaN/Inf)"),
+        ("end_to_end", "finite (no NaN/Inf)"),  # the images too
+        ("end_to_end", "image PSNR"),
     ]
     assert "vae_decoder: sample finite (no NaN/Inf) failed" in validation.report["summary"]
     assert render_html(validation.report).count('class="failed"') >= 1
@@ -313,3 +319,59 @@ def test_a_runtime_that_cannot_run_here_is_reported_skipped_never_passed(
     assert set(report) == REPORT_KEYS
     assert report["status"] == "skipped" and report["reason"] == "Core ML runs only on macOS"
     assert "skipped" in (tmp_path / "r" / "report.html").read_text()
+
+
+def altered_copy(bundle, out, manifest_change=None, tokenizer_change=None):
+    """A copy of a bundle with its manifest's fields or its tokenizer changed (and re-signed, so
+    that the sha256 check lets it through and the gates must catch it)."""
+    import shutil
+
+    from instaflow_edge.manifest import sha256_file
+
+    copy = Path(shutil.copytree(bundle, out))
+    if tokenizer_change is not None:
+        path = copy / "tokenizer" / "tokenizer.json"
+        data = json.loads(path.read_text())
+        tokenizer_change(data["model"]["vocab"])
+        path.write_text(json.dumps(data))
+    manifest = read_manifest(copy)
+    manifest.assets["tokenizer/tokenizer.json"] = sha256_file(copy / "tokenizer" / "tokenizer.json")
+    if manifest_change is not None:
+        manifest_change(manifest)
+    write_manifest(copy, manifest)
+    return copy
+
+
+def swap_red_and_blue(vocab):
+    vocab["red</w>"], vocab["blue</w>"] = vocab["blue</w>"], vocab["red</w>"]
+
+
+def scale(factor):
+    def change(manifest):
+        manifest.sampling.vae_scaling_factor *= factor
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("manifest_change", "tokenizer_change", "words"),
+    [
+        (None, swap_red_and_blue, "tokenizer: token ids identical to the reference's failed"),
+        (scale(2.0), None, "end_to_end: image PSNR"),
+        (scale(0.0), None, "end_to_end: finite (no NaN/Inf) failed"),
+    ],
+    ids=["tokenizer", "scaling-factor", "nan-images"],
+)
+def test_an_altered_bundle_fails_validate_naming_what_is_wrong(
+    onnx_bundle, tmp_path, manifest_change, tokenizer_change, words
+):
+    bundle = altered_copy(onnx_bundle, tmp_path / "b", manifest_change, tokenizer_change)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle above a blue square\n")
+    result, report = validate(
+        bundle, "--prompts", str(prompts), "--report", str(tmp_path / "r"), report=tmp_path / "r"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(summary) == 1 and words in summary[0], summary
+    assert report["status"] == "failed"
