@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from instaflow_edge.atomic import atomic_directory
-from instaflow_edge.calibration.dataset import write_calibration
+from instaflow_edge.atomic import atomic_directory, check_replaceable
+from instaflow_edge.calibration.dataset import INDEX_NAME, write_calibration
 from instaflow_edge.errors import UserError
 from instaflow_edge.pipeline import OneStepPipeline
 
@@ -30,11 +30,10 @@ def build_calibration(
 
     if not prompts:
         raise UserError("no prompts to calibrate with")
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
+    check_replaceable(Path(out), overwrite, INDEX_NAME)
     seeds = list(range(seed, seed + len(prompts)))
     shards = []
-    with atomic_directory(Path(out), overwrite=overwrite) as staging:
+    with atomic_directory(Path(out), overwrite, INDEX_NAME) as staging:
         progress = tqdm(total=len(prompts), desc="calibrate", unit="prompt")
         for start in range(0, len(prompts), shard_size):
             end = min(start + shard_size, len(prompts))

@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from instaflow_edge.atomic import atomic_directory
+from instaflow_edge.atomic import atomic_directory, check_replaceable
 from instaflow_edge.components import COMPONENTS, ComponentSpec, component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.gates import GateFailed, Gates, failure_line, failures_of
 from instaflow_edge.manifest import (
+    MANIFEST_NAME,
     ComponentEntry,
     Manifest,
     SamplingRecipe,
@@ -366,16 +367,15 @@ def _typed(cls: type[OptionsT], options: OptionsT | Mapping[str, Any] | None) ->
 
 # -- bundle files ---------------------------------------------------------------------------------
 def check_out(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing `out_dir` unless asked to."""
-    if Path(out_dir).exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists: choose another --out or pass --overwrite")
+    """Refuse an existing `out_dir` unless asked to replace it, and a folder that is not a bundle
+    even then."""
+    check_replaceable(Path(out_dir), overwrite, MANIFEST_NAME)
 
 
 @contextmanager
 def staged_bundle(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """The staging directory of a bundle: renamed to `out_dir` only when the block succeeds."""
-    check_out(out_dir, overwrite)
-    with atomic_directory(Path(out_dir), overwrite=overwrite) as staging:
+    with atomic_directory(Path(out_dir), overwrite, MANIFEST_NAME) as staging:
         yield staging
 
 

@@ -1,7 +1,16 @@
-"""Atomic writes: a file or directory appears complete under its final name, or not at all."""
+"""Atomic writes: a file or directory appears complete under its final name, or not at all.
+
+Directories are written in a hidden staging folder beside the final one and renamed into place
+at the end, under a lock that a second writer of the same folder cannot take; `--overwrite`
+replaces only a folder this toolkit wrote (one holding its `marker` file), and the final rename
+never replaces a folder that appeared while the work ran. Staging folders that an interrupted run
+(SIGKILL, power loss) left behind are removed by the next run of the same output, which says so.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -9,24 +18,95 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from instaflow_edge.errors import UserError
+
+logger = logging.getLogger(__name__)
+
 
 @contextmanager
-def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; rename it into place only if the block succeeds."""
+def atomic_directory(
+    final: Path, overwrite: bool = False, marker: str | None = None
+) -> Iterator[Path]:
+    """Yield a staging directory beside `final`; rename it into place only if the block succeeds.
+
+    `marker`: the file that makes an existing `final` one of ours (e.g. "manifest.json"); with
+    it, `overwrite` refuses to replace a folder that lacks it.
+    """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
-    try:
-        yield staging
-        if final.exists():
-            shutil.rmtree(final)
+    with _writer_lock(final):
+        existed = check_replaceable(final, overwrite, marker)
+        _remove_stale_staging(final)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
+        try:
+            yield staging
+            if final.exists() and not existed:
+                raise UserError(f"{final} appeared while this ran: nothing was replaced")
+            _replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+
+
+def check_replaceable(final: Path, overwrite: bool, marker: str | None = None) -> bool:
+    """Whether `final` exists; refuse it unless it may be replaced (commands call this before
+    long work too, so that a refusal comes first)."""
+    if not final.exists() and not final.is_symlink():
+        return False
+    if not overwrite:
+        raise UserError(f"{final} already exists: choose another --out or pass --overwrite")
+    if final.is_symlink() or not final.is_dir():
+        raise UserError(f"{final} is not a folder this toolkit wrote: refusing to replace it")
+    if marker is not None and not (final / marker).is_file():
+        raise UserError(
+            f"{final} is not a folder this toolkit wrote (it has no {marker}): refusing to "
+            "replace it; choose another --out"
+        )
+    return True
+
+
+def _replace(staging: Path, final: Path) -> None:
+    """Move the old folder aside, the new one into place, then delete the old one: at every
+    moment one complete version exists under a name."""
+    if not final.exists():
         os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_staging(final: Path) -> None:
+    stale = [
+        path
+        for pattern in (f".{final.name}.partial-*", f".{final.name}.old-*")
+        for path in final.parent.glob(pattern)
+        if path.is_dir() and not path.is_symlink()
+    ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        logger.info(
+            "removed %d unfinished folder(s) an interrupted run left beside %s", len(stale), final
+        )
+
+
+@contextmanager
+def _writer_lock(final: Path) -> Iterator[None]:
+    """An exclusive lock on writing `final`: a second writer fails at once, in one line."""
+    path = final.parent / f".{final.name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing {final} right now") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

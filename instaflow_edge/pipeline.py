@@ -51,7 +51,7 @@ class OneStepPipeline:
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write a diffusers-format model directory (safetensors only), atomically."""
         directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as staging:
+        with atomic_directory(directory, overwrite, "model_index.json") as staging:
             for name in ("text_encoder", "unet", "vae"):
                 getattr(self, name).save_pretrained(staging / name, safe_serialization=True)
             self.tokenizer.save_pretrained(staging / "tokenizer")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from instaflow_edge.atomic import atomic_directory, atomic_file
+from instaflow_edge.errors import UserError
 
 
 def test_failed_directory_write_leaves_nothing(tmp_path):
@@ -24,11 +27,57 @@ def test_directory_appears_complete_with_ordinary_permissions(tmp_path):
 
 def test_existing_directory_is_kept_unless_overwrite(tmp_path):
     (tmp_path / "bundle").mkdir()
-    with pytest.raises(FileExistsError), atomic_directory(tmp_path / "bundle"):
+    with pytest.raises(UserError, match="already exists"), atomic_directory(tmp_path / "bundle"):
         pass
     with atomic_directory(tmp_path / "bundle", overwrite=True) as staging:
         (staging / "new").write_text("x")
     assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no lock, staging or old copy
+
+
+def test_overwrite_replaces_only_a_folder_of_ours(tmp_path):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"irreplaceable")
+    with pytest.raises(UserError, match="has no manifest.json"):
+        with atomic_directory(precious, overwrite=True, marker="manifest.json"):
+            pass
+    assert (precious / "holiday.jpg").read_bytes() == b"irreplaceable"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder this toolkit wrote"):
+        with atomic_directory(tmp_path / "file", overwrite=True):
+            pass
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_folder_that_appears_meanwhile_is_not_replaced(tmp_path):
+    with pytest.raises(UserError, match="appeared while this ran"):
+        with atomic_directory(tmp_path / "bundle") as staging:
+            (staging / "ours").write_text("x")
+            (tmp_path / "bundle").mkdir()
+            (tmp_path / "bundle" / "theirs").write_text("y")
+    assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["theirs"]
+
+
+def test_a_second_writer_of_the_same_folder_is_refused(tmp_path):
+    with atomic_directory(tmp_path / "bundle") as staging:
+        (staging / "first").write_text("x")
+        with pytest.raises(UserError, match="another run is writing"):
+            with atomic_directory(tmp_path / "bundle"):
+                pass
+    assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["first"]
+
+
+def test_the_next_run_removes_what_an_interrupted_one_left(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("instaflow_edge"), "propagate", True)  # after a CLI run
+    stale = tmp_path / ".bundle.partial-abc123"
+    stale.mkdir()
+    (stale / "manifest.json").write_text("{}")  # complete-looking, never renamed into place
+    caplog.set_level(logging.INFO, logger="instaflow_edge.atomic")
+    with atomic_directory(tmp_path / "bundle") as staging:
+        (staging / "new").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert "removed 1 unfinished folder" in caplog.text
 
 
 def test_failed_file_write_keeps_the_old_file(tmp_path):

@@ -102,6 +102,13 @@ def test_empty_prompt_is_one_clear_line(tmp_path):
     assert_one_line_error(result, "empty prompt")
 
 
+def test_generate_never_replaces_an_existing_png_unasked(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"a picture of mine")
+    result = run_cli("generate", "-p", "a red circle", "--out", str(tmp_path / "x.png"))
+    assert_one_line_error(result, "x.png already exists", "--overwrite")
+    assert (tmp_path / "x.png").read_bytes() == b"a picture of mine"
+
+
 def test_missing_output_folder_is_one_clear_line(tmp_path):
     result = run_cli("generate", "-p", "a red circle", "--out", str(tmp_path / "no" / "x.png"))
     assert_one_line_error(result, "output folder", "does not exist")

@@ -69,6 +69,15 @@ def test_cli_export_writes_a_bundle_and_prints_parity(tmp_path):
     assert_one_line_error(again, "already exists", "--overwrite")
 
 
+def test_cli_export_overwrite_never_deletes_a_folder_that_is_not_a_bundle(tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    result = run_cli("export", "--out", str(folder), "--overwrite")
+    assert_one_line_error(result, "not a folder this toolkit wrote", "manifest.json")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
 def test_cli_export_that_misses_a_gate_exits_1_and_writes_nothing(tmp_path):
     result = run_cli("export", "--out", str(tmp_path / "b"), "--min-tensor-psnr", "200")
     assert result.returncode == 1

@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=Path("instaflow.png"),
         help="output PNG (several images: NAME-000.png, NAME-001.png, ...) (instaflow.png)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
     parser.add_argument(
         "--steps", type=int, default=1, help="Euler steps (1: the one-step model; more: a teacher)"
@@ -69,14 +70,19 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return prompts
 
 
-def output_paths(out: Path, count: int) -> list[Path]:
+def output_paths(out: Path, count: int, overwrite: bool = False) -> list[Path]:
+    """The PNG files a run writes; existing ones are refused unless `overwrite`."""
     if out.suffix.lower() != ".png":
         raise UserError(f"output {out} must be a .png file name")
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist")
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{index:03d}.png") for index in range(count)]
+    paths = (
+        [out] if count == 1 else [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(count)]
+    )
+    for path in paths:
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise UserError(f"{path} already exists: choose another --out or pass --overwrite")
+    return paths
 
 
 def resolve_device(requested: str) -> str:
@@ -92,7 +98,7 @@ def resolve_device(requested: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompt, args.prompts)
-    paths = output_paths(args.out, len(prompts))
+    paths = output_paths(args.out, len(prompts), args.overwrite)
     if args.batch_size < 1 or args.steps < 1:
         raise UserError("--batch-size and --steps must be at least 1")
 
