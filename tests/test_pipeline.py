@@ -115,5 +115,9 @@ def test_save_and_reload_gives_the_same_images(pipeline, tmp_path):
 
 def test_save_refuses_to_overwrite(pipeline, tmp_path):
     (tmp_path / "model").mkdir()
-    with pytest.raises(FileExistsError):
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
         pipeline.save_pretrained(tmp_path / "model")
+    with pytest.raises(UserError, match="has no model_index.json"):  # not ours: never replaced
+        pipeline.save_pretrained(tmp_path / "model", overwrite=True)
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["notes.txt"]
