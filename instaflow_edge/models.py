@@ -53,8 +53,10 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
         return _load_directory(path, source=str(path.resolve()))
     if path.exists():
         raise UserError(f"model {name!r} is a file; expected a diffusers model directory")
-    if _HUB_ID.match(name) and not name.startswith((".", "~")):
+    if _HUB_ID.match(name) and not name.startswith((".", "~")) and not path.parent.is_dir():
         return _load_hub(name)
+    if path.parent.is_dir() and path.parent != Path("."):  # a local folder, mistyped: not a hub id
+        raise UserError(f"model directory {name!r} does not exist (its folder {path.parent} does)")
     raise UserError(
         f"model {name!r} not found: give a diffusers model directory, a hub id, "
         f"or one of the presets ({', '.join(PRESETS)})"

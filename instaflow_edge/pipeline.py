@@ -69,6 +69,8 @@ class OneStepPipeline:
         return directory
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> OneStepPipeline:
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {device} was asked for, but CUDA is not available here")
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device)
             if dtype is not None and dtype != module.dtype:

@@ -112,7 +112,8 @@ class BundleSession(Session):
         length = int(manifest.components["text_encoder"].spec.inputs[0].shape[-1])
         self.tokenizer = load_bundle_tokenizer(bundle, length)
 
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
+    def tokenize(self, prompts: str | list[str]) -> np.ndarray:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not prompt.strip() for prompt in prompts):
             raise UserError("empty prompt: describe the image to generate")
         encodings = self.tokenizer.encode_batch(prompts)

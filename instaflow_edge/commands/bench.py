@@ -13,6 +13,7 @@ from instaflow_edge.commands.common import (
     reference_device,
     runtime_options,
 )
+from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_runs(args)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"folder {args.json.parent} for --json does not exist")
     options = runtime_options(args.bundle, args.runtime_option)
 
     from instaflow_edge.atomic import atomic_file

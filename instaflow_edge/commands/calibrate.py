@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from instaflow_edge.commands.common import seed_value
 from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or a text file with one prompt per line",
     )
     parser.add_argument("--out", type=Path, required=True, help="the calibration set directory")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="noise seed of the first prompt (0)"
+    )
     parser.add_argument("--limit", type=int, help="use only the first N prompts")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (8)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set at --out")

@@ -98,3 +98,17 @@ def option_classes(kind: str) -> dict[str, type]:
             continue  # a target whose libraries are not installed offers no flags
         classes[target] = getattr(exporter, f"{kind}_options")
     return classes
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def seed_value(text: str) -> int:
+    """--seed: a whole number from 0 to 2**63 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is from 0 to {MAX_SEED}, not {seed}")
+    return seed

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from instaflow_edge.commands.common import add_runtime_arguments, runtime_options
+from instaflow_edge.commands.common import add_runtime_arguments, runtime_options, seed_value
 from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-p", "--prompt", action="append", default=[], help="a prompt (repeat for several images)"
     )
     parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first image (0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="noise seed of the first image (0)"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--model",

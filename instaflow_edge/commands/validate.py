@@ -13,6 +13,7 @@ from instaflow_edge.commands.common import (
     gate_overrides,
     reference_device,
     runtime_options,
+    seed_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "embedded model, 'general' otherwise",
     )
     parser.add_argument("--limit", type=int, default=4, help="number of prompts to compare (4)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="noise seed of the first prompt (0)"
+    )
     parser.add_argument(
         "--report", type=Path, help="report folder (default: BUNDLE-report beside the bundle)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,6 @@ def make_config(
         )
     if not 0.0 <= config.ema_decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
-    if config.lr <= 0:
-        raise UserError(f"lr must be positive, got {config.lr}")
+    if not math.isfinite(config.lr) or config.lr <= 0:
+        raise UserError(f"lr must be a positive number, got {config.lr}")
     return config

@@ -1,0 +1,106 @@
+"""Hostile and mistaken inputs end with one line, a documented exit code and nothing changed.
+
+The start of the bad-input suite (issue 14): each case runs the command in this process (fast),
+asserts the exit code, exactly one error line naming the problem, no traceback, and that what was
+on disk before is still there.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from instaflow_edge.cli import main
+from instaflow_edge.errors import UserError
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    """The CLI in this process: its exit status and stderr."""
+    try:
+        status = main(list(args))
+    except SystemExit as exit_:  # argparse's own usage errors
+        status = exit_.code
+    return status, capsys.readouterr().err
+
+
+def assert_one_line(status: int, err: str, code: int, *words: str) -> None:
+    assert status == code, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--seed", "1e23"], ["expected a whole number", "1e23"]),
+        (["--seed", str(2**64)], ["a seed is from 0 to"]),
+        (["--seed", "-1"], ["a seed is from 0 to"]),
+        (["--runtime-option", "threads=2"], ["--runtime-option", "needs --bundle"]),
+    ],
+)
+def test_generate_mistakes(capsys, tmp_path, args, words):
+    status, err = run(
+        capsys, "generate", "-p", "a red circle", "--out", str(tmp_path / "x.png"), *args
+    )
+    assert_one_line(status, err, 2, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mistyped_local_model_path_is_not_taken_for_a_hub_id(capsys, tmp_path):
+    (tmp_path / "models").mkdir()
+    model = tmp_path / "models" / "my-modle"
+    status, err = run(capsys, "inspect", str(model))
+    assert_one_line(status, err, 2, "my-modle", "does not exist")
+
+
+def test_bench_json_into_a_missing_folder_is_refused_before_the_run(capsys, onnx_bundle, tmp_path):
+    out = tmp_path / "missing" / "bench.json"
+    status, err = run(capsys, "bench", "--bundle", str(onnx_bundle), "--json", str(out))
+    assert_one_line(status, err, 2, "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--runtime-option", "threads"], ["expected KEY=VALUE"]),
+        (["--runtime-option", "threads=many"], ["threads expects int", "many"]),
+        (["--runtime-option", "graph_optimization=max"], ["unknown graph_optimization 'max'"]),
+        (["--device", "tpu"], ["unknown device 'tpu'"]),
+    ],
+)
+def test_runtime_option_mistakes(capsys, onnx_bundle, tmp_path, args, words):
+    report = tmp_path / "report"
+    status, err = run(
+        capsys, "validate", "--bundle", str(onnx_bundle), "--report", str(report), *args
+    )
+    assert_one_line(status, err, 2, *words)
+    assert not report.exists()
+
+
+def test_export_onto_a_file_is_refused(capsys, tmp_path):
+    target = tmp_path / "bundle"
+    target.write_text("a file of mine")
+    status, err = run(capsys, "export", "--out", str(target), "--overwrite")
+    assert_one_line(status, err, 2, "not a folder this toolkit wrote")
+    assert target.read_text() == "a file of mine"
+
+
+def test_train_with_a_non_finite_learning_rate_is_refused(capsys, tmp_path):
+    status, err = run(capsys, "train", "vae", "--out", str(tmp_path / "vae"), "--lr", "inf")
+    assert_one_line(status, err, 2, "lr must be a positive number", "inf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_api_mistakes_are_user_errors(onnx_bundle):
+    import torch
+
+    from instaflow_edge.pipeline import OneStepPipeline
+    from instaflow_edge.runtimes import load_session
+
+    session = load_session(onnx_bundle)
+    assert session.tokenize("a red circle").shape == (1, 32)  # one prompt as a string
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            OneStepPipeline.from_pretrained(device="cuda")
