@@ -56,7 +56,10 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
     if _HUB_ID.match(name) and not name.startswith((".", "~")) and not path.parent.is_dir():
         return _load_hub(name)
     if path.parent.is_dir() and path.parent != Path("."):  # a local folder, mistyped: not a hub id
-        raise UserError(f"model directory {name!r} does not exist (its folder {path.parent} does)")
+        raise UserError(
+            f"model directory {name!r} not found (its folder {path.parent} exists: a local path, "
+            "not a hub id)"
+        )
     raise UserError(
         f"model {name!r} not found: give a diffusers model directory, a hub id, "
         f"or one of the presets ({', '.join(PRESETS)})"

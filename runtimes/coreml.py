@@ -81,14 +81,6 @@ def _array_dtype(feature) -> np.dtype:
     return np.dtype(kinds[feature.type.multiArrayType.dataType])
 
 
-def run_package(
-    path: Path, feeds: dict[str, np.ndarray], compute_units: str = "ALL"
-) -> tuple[dict[str, np.ndarray], str]:
-    """Run one saved package once; returns its outputs and what executed them."""
-    predictor = _Predictor(Path(path), compute_units, device=on_macos())
-    return predictor(feeds), predictor.executed_on
-
-
 class CoreMLSession(BundleSession):
     """One predictor per package; packages take batch 1, so a batch runs one sample at a time."""
 

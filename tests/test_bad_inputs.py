@@ -52,7 +52,7 @@ def test_a_mistyped_local_model_path_is_not_taken_for_a_hub_id(capsys, tmp_path)
     (tmp_path / "models").mkdir()
     model = tmp_path / "models" / "my-modle"
     status, err = run(capsys, "inspect", str(model))
-    assert_one_line(status, err, 2, "my-modle", "does not exist")
+    assert_one_line(status, err, 2, "my-modle", "not found", "not a hub id")
 
 
 def test_bench_json_into_a_missing_folder_is_refused_before_the_run(capsys, onnx_bundle, tmp_path):
