@@ -16,11 +16,11 @@ from instaflow_edge import __version__
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.gates import Gates, check, failure_line, failures_of, number
 from instaflow_edge.latency import compare_latency, environment
-from instaflow_edge.manifest import Manifest, read_manifest
+from instaflow_edge.manifest import BundleError, Manifest, read_manifest
 from instaflow_edge.metrics import image_psnr, ssim, tensor_metrics
 from instaflow_edge.recipe import ONE_STEP_TIMESTEP, to_uint8, with_generator
 from instaflow_edge.runtimes import RuntimeOptions, Session, load_session
-from instaflow_edge.runtimes.torch_ref import TorchSession, load_reference
+from instaflow_edge.runtimes.torch_ref import TorchRuntime, TorchSession, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,11 @@ def validate_bundle(
     """
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    if manifest.runtime == TorchRuntime.name:
+        raise BundleError(
+            f"{bundle_dir} names the PyTorch reference as its runtime: it holds no exported graphs "
+            "to validate against the reference"
+        )
     gates = bundle_gates(manifest, gate_overrides)
     bundle = load_session(bundle_dir, device, runtime_options)  # verifies sha256 first
     reference_id = reference_model or manifest.source_model.get("id")

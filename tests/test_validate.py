@@ -1,4 +1,4 @@
-"""validate and bench, target-agnostic: a "torch" bundle (the PyTorch reference as the bundle side)."""
+"""validate and bench: parity from text, gates, reports, latency, on copies of the ONNX bundle."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from instaflow_edge.components import component_specs
-from instaflow_edge.export.base import copy_tokenizer, staged_bundle
 from instaflow_edge.gates import gate_basis
 from instaflow_edge.manifest import (
-    ComponentEntry,
-    Manifest,
-    SamplingRecipe,
-    hash_files,
     read_manifest,
     write_manifest,
 )
@@ -45,57 +39,49 @@ REPORT_KEYS = {
     "latency",
     "environment",
 }
-MODEL_FILES = {
-    "text_encoder": "model/text_encoder/model.safetensors",
-    "unet": "model/unet/diffusion_pytorch_model.safetensors",
-    "vae_decoder": "model/vae/diffusion_pytorch_model.safetensors",
-}
 
 
-def make_torch_bundle(
-    pipeline, out, unet_scale: float = 1.0, precision: str = "fp32", quantization=None
-):
-    """A bundle whose target is "torch": a saved copy of the model (its UNet's first conv weight
-    scaled by `unet_scale`), run by the torch_ref runtime, which loads its source model."""
-    with staged_bundle(out) as staging:
-        pipeline.save_pretrained(staging / "model")
-        if unet_scale != 1.0:
-            from safetensors.torch import load_file, save_file
+def bundle_copy(source, out, damage_unet=False, manifest_change=None, tokenizer_change=None):
+    """A copy of an ONNX bundle: its UNet's output layer scaled by 1.5 (`damage_unet`), its
+    manifest's fields or its tokenizer changed, and re-signed, so that the sha256 check lets it
+    through and the gates must catch what is wrong."""
+    import shutil
 
-            path = staging / MODEL_FILES["unet"]
-            weights = load_file(path)
-            weights["conv_in.weight"] = weights["conv_in.weight"] * unet_scale
-            save_file(weights, path)
-        specs = component_specs(pipeline.shapes)
-        manifest = Manifest(
-            target="torch",
-            runtime="torch_ref",
-            precision=precision,
-            quantization=quantization,
-            source_model={"id": str(out / "model"), "sha256": pipeline.fingerprint()},
-            sampling=SamplingRecipe(
-                latent_shape=list(pipeline.latent_shape),
-                vae_scaling_factor=pipeline.scaling_factor,
-                image_size=pipeline.image_size,
-            ),
-            components={
-                name: ComponentEntry.from_files(staging, specs[name], file)
-                for name, file in MODEL_FILES.items()
-            },
-            assets=hash_files(staging, copy_tokenizer(pipeline, staging)),
-        )
-        write_manifest(staging, manifest)
-    return out, manifest
+    import onnx
+    from onnx import numpy_helper
+
+    from instaflow_edge.manifest import sha256_file
+
+    copy = Path(shutil.copytree(source, out))
+    manifest = read_manifest(copy)
+    if damage_unet:
+        path = copy / "unet" / "model.onnx"
+        model = onnx.load(str(path))
+        last_conv = [node for node in model.graph.node if node.op_type == "Conv"][-1]
+        weight = next(t for t in model.graph.initializer if t.name == last_conv.input[1])
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+        onnx.save(model, str(path))
+        manifest.components["unet"].files["unet/model.onnx"] = sha256_file(path)
+    if tokenizer_change is not None:
+        path = copy / "tokenizer" / "tokenizer.json"
+        data = json.loads(path.read_text())
+        tokenizer_change(data["model"]["vocab"])
+        path.write_text(json.dumps(data))
+        manifest.assets["tokenizer/tokenizer.json"] = sha256_file(path)
+    if manifest_change is not None:
+        manifest_change(manifest)
+    write_manifest(copy, manifest)
+    return copy
 
 
 @pytest.fixture(scope="module")
-def bundle(pipeline, tmp_path_factory):
-    return make_torch_bundle(pipeline, tmp_path_factory.mktemp("b") / "torch-bundle")[0]
+def bundle(onnx_bundle, tmp_path_factory):
+    return bundle_copy(onnx_bundle, tmp_path_factory.mktemp("b") / "bundle")
 
 
 @pytest.fixture(scope="module")
-def damaged(pipeline, tmp_path_factory):
-    return make_torch_bundle(pipeline, tmp_path_factory.mktemp("d") / "damaged", unet_scale=1.5)[0]
+def damaged(onnx_bundle, tmp_path_factory):
+    return bundle_copy(onnx_bundle, tmp_path_factory.mktemp("d") / "damaged", damage_unet=True)
 
 
 def validate(bundle, *args, report=None):
@@ -128,10 +114,12 @@ def test_matching_bundle_passes_and_writes_both_reports(passed):
     ]  # the first of the synthetic set, the default for the embedded model
     assert report["inputs"]["seeds"] == [0, 1] and report["inputs"]["timestep"] == 1000.0
     rows = report["latency"]["rows"]
-    assert set(rows) == {"text_encoder", "unet", "vae_decoder", "end_to_end"}
+    assert set(rows) == {"text_encoder", "unet", "vae_decoder", "generator", "end_to_end"}
     assert all(row["bundle"]["p50_ms"] > 0 and row["ratio_p50"] > 0 for row in rows.values())
     environment = report["environment"]
-    assert environment["device"] == "cpu" and environment["bundle_executed_on"] == "cpu"
+    assert environment["device"] == "cpu"
+    assert environment["bundle_executed_on"] == "CPUExecutionProvider"  # what ran, as ORT says
+    assert environment["runtime"]["runtime"] == "onnxruntime" and environment["runtime"]["fused"]
     assert environment["threads"]["torch"] == torch.get_num_threads()
     assert {"torch", "instaflow-edge"} <= set(environment["library_versions"])
     assert "passed" in result.stdout
@@ -167,21 +155,31 @@ def test_gates_are_overridable_and_recorded(damaged, tmp_path, capsys):
     assert "overridden" in (tmp_path / "r" / "report.html").read_text()
 
 
-def test_tampered_file_is_refused_before_running(pipeline, tmp_path):
-    bundle, _ = make_torch_bundle(pipeline, tmp_path / "bundle")
-    path = bundle / MODEL_FILES["unet"]
+def test_tampered_file_is_refused_before_running(onnx_bundle, tmp_path):
+    bundle = bundle_copy(onnx_bundle, tmp_path / "bundle")
+    path = bundle / "unet" / "model.onnx"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     result, report = validate(bundle)
-    assert_one_line_error(result, "unet/diffusion_pytorch_model.safetensors", "sha256")
+    assert_one_line_error(result, "unet/model.onnx", "sha256")
     assert result.returncode == 2 and report is None  # nothing ran, no report
 
 
-def test_reference_that_differs_from_the_source_is_flagged(pipeline, tmp_path, caplog):
+def test_the_pytorch_reference_posing_as_a_bundle_is_refused(onnx_bundle, tmp_path):
+    def pose(manifest):
+        manifest.runtime = "torch_ref"
+
+    bundle = bundle_copy(onnx_bundle, tmp_path / "bundle", manifest_change=pose)
+    result, report = validate(bundle)
+    assert_one_line_error(result, "names the PyTorch reference as its runtime")
+    assert result.returncode == 2 and report is None
+
+
+def test_reference_that_differs_from_the_source_is_flagged(onnx_bundle, tmp_path, caplog):
     from instaflow_edge.validate import validate_bundle
 
-    bundle, _ = make_torch_bundle(pipeline, tmp_path / "bundle")
+    bundle = bundle_copy(onnx_bundle, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["source_model"]["sha256"] = "0" * 64
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -205,13 +203,16 @@ def test_html_key_value_tables_have_no_empty_header_row(passed):
     assert "<tr><th>bundle</th><td>" in html
 
 
-def test_default_gates_follow_the_bundle_kind(pipeline, tmp_path):
+def test_default_gates_follow_the_bundle_kind(onnx_bundle, tmp_path):
     cases = {("fp32", None): "fp32", ("fp16", None): "fp16", ("fp32", "int8-static"): "quantized"}
     for index, ((precision, quantization), basis) in enumerate(cases.items()):
-        bundle, _ = make_torch_bundle(
-            pipeline, tmp_path / str(index), precision=precision, quantization=quantization
+
+        def change(manifest, precision=precision, quantization=quantization):
+            manifest.precision, manifest.quantization = precision, quantization
+
+        manifest = read_manifest(
+            bundle_copy(onnx_bundle, tmp_path / str(index), manifest_change=change)
         )
-        manifest = read_manifest(bundle)
         assert gate_basis(manifest.precision, manifest.quantization) == basis
     gates = bundle_gates(manifest, {"min_unet_cosine": 0.99})
     assert (gates.min_image_psnr_db, gates.min_unet_cosine) == (25.0, 0.99)
@@ -219,18 +220,18 @@ def test_default_gates_follow_the_bundle_kind(pipeline, tmp_path):
 
 
 def test_nan_output_fails_the_finite_gate(bundle, monkeypatch):
-    from instaflow_edge.runtimes.torch_ref import TorchSession
+    from instaflow_edge.runtimes.onnxruntime import OnnxSession
     from instaflow_edge.validate import validate_bundle
 
-    original = TorchSession.run
+    original = OnnxSession.infer
 
-    def nan_vae(self, component, feeds):
-        outputs = original(self, component, feeds)
-        if component == "vae_decoder" and self.pipeline.source != "embedded:tiny":
+    def nan_vae(self, component, inputs):
+        outputs = original(self, component, inputs)
+        if component == "vae_decoder":
             outputs["sample"] = np.full_like(outputs["sample"], np.nan)
         return outputs
 
-    monkeypatch.setattr(TorchSession, "run", nan_vae)
+    monkeypatch.setattr(OnnxSession, "infer", nan_vae)
     validation = validate_bundle(bundle, ["a red circle"], reference_model="tiny", runs=1, warmup=0)
     failures = validation.report["failures"]
     assert [(f["where"], f["gate"]) for f in failures] == [
@@ -267,40 +268,6 @@ def test_validate_mistakes_are_one_line(bundle, args, words):
     assert_one_line_error(run_cli("validate", *base, *args), *words)
 
 
-@pytest.mark.slow
-def test_onnx_bundle_validates_and_a_damaged_unet_fails(onnx_bundle, tmp_path):
-    import shutil
-
-    import onnx
-    from onnx import numpy_helper
-
-    from instaflow_edge.manifest import sha256_file
-
-    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "onnx"))  # the shared fused export
-    result, report = validate(bundle, "--report", str(tmp_path / "ok"), report=tmp_path / "ok")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert report["bundle"]["target"] == "onnx" and report["status"] == "passed"
-    assert report["environment"]["bundle_executed_on"] == "CPUExecutionProvider"
-    assert set(report["components"]) == {"text_encoder", "unet", "vae_decoder", "generator"}
-    assert all(result["compared"] for result in report["components"].values())
-
-    path = bundle / "unet" / "model.onnx"
-    model = onnx.load(str(path))
-    # the weight of the last Conv, the UNet's output layer
-    last_conv = [node for node in model.graph.node if node.op_type == "Conv"][-1]
-    weight = next(t for t in model.graph.initializer if t.name == last_conv.input[1])
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
-    onnx.save(model, str(path))
-    manifest = read_manifest(bundle)
-    manifest.components["unet"].files["unet/model.onnx"] = sha256_file(path)
-    write_manifest(bundle, manifest)  # re-signed: not refused, so the gates must catch it
-    result, report = validate(bundle, "--report", str(tmp_path / "bad"), report=tmp_path / "bad")
-    assert result.returncode == 1, result.stdout + result.stderr
-    summary = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
-    assert len(summary) == 1 and "unet: out_sample tensor PSNR" in summary[0]
-    assert "text_encoder" not in summary[0] and "vae_decoder" not in summary[0]
-
-
 def test_a_runtime_that_cannot_run_here_is_reported_skipped_never_passed(
     bundle, tmp_path, monkeypatch, capsys
 ):
@@ -319,27 +286,6 @@ def test_a_runtime_that_cannot_run_here_is_reported_skipped_never_passed(
     assert set(report) == REPORT_KEYS
     assert report["status"] == "skipped" and report["reason"] == "Core ML runs only on macOS"
     assert "skipped" in (tmp_path / "r" / "report.html").read_text()
-
-
-def altered_copy(bundle, out, manifest_change=None, tokenizer_change=None):
-    """A copy of a bundle with its manifest's fields or its tokenizer changed (and re-signed, so
-    that the sha256 check lets it through and the gates must catch it)."""
-    import shutil
-
-    from instaflow_edge.manifest import sha256_file
-
-    copy = Path(shutil.copytree(bundle, out))
-    if tokenizer_change is not None:
-        path = copy / "tokenizer" / "tokenizer.json"
-        data = json.loads(path.read_text())
-        tokenizer_change(data["model"]["vocab"])
-        path.write_text(json.dumps(data))
-    manifest = read_manifest(copy)
-    manifest.assets["tokenizer/tokenizer.json"] = sha256_file(copy / "tokenizer" / "tokenizer.json")
-    if manifest_change is not None:
-        manifest_change(manifest)
-    write_manifest(copy, manifest)
-    return copy
 
 
 def swap_red_and_blue(vocab):
@@ -365,7 +311,7 @@ def scale(factor):
 def test_an_altered_bundle_fails_validate_naming_what_is_wrong(
     onnx_bundle, tmp_path, manifest_change, tokenizer_change, words
 ):
-    bundle = altered_copy(onnx_bundle, tmp_path / "b", manifest_change, tokenizer_change)
+    bundle = bundle_copy(onnx_bundle, tmp_path / "b", False, manifest_change, tokenizer_change)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle above a blue square\n")
     result, report = validate(
