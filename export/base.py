@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -48,7 +48,6 @@ CHECK_PROMPTS = ["a red circle above a blue square", "two small green triangles"
 TRACE_BATCH = 2  # a graph with a dynamic batch axis is traced at batch 2 and checked at batch 1
 
 IO = dict[str, dict[str, np.ndarray]]
-OptionsT = TypeVar("OptionsT", bound=Options)
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ class Exporter(ABC):
     ) -> Path:
         """Export every component, check the bundle against PyTorch through its runtime, and
         commit it only if the gates pass; returns the bundle directory."""
-        options = _typed(self.export_options, options)
+        options = self.export_options.coerce(options)
         check_out(out_dir, overwrite)
         if precision not in PRECISIONS:
             raise UserError(
@@ -226,7 +225,7 @@ class Exporter(ABC):
     ) -> Path:
         """Write a quantized copy of `bundle` to `out_dir`, checked against the source bundle
         through the runtime and committed only if the gates pass; returns it."""
-        options = _typed(self.quantize_options, options)
+        options = self.quantize_options.coerce(options)
         if method not in self.methods:
             raise UserError(
                 f"unknown method {method!r} for target {self.target}; choose one of "
@@ -357,14 +356,6 @@ class Exporter(ABC):
             )
 
 
-def _typed(cls: type[OptionsT], options: OptionsT | Mapping[str, Any] | None) -> OptionsT:
-    if options is None or isinstance(options, Mapping):
-        return cls.from_mapping(options)
-    if not isinstance(options, cls):
-        raise UserError(f"expected {cls.__name__}, got {type(options).__name__}")
-    return options
-
-
 # -- bundle files ---------------------------------------------------------------------------------
 def check_out(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing `out_dir` unless asked to replace it, and a folder that is not a bundle
@@ -438,9 +429,8 @@ def sizes(
 def pytorch_io(pipeline: Any, batch: int = 1) -> IO:
     """Every component's (and the fused generator's) inputs and outputs from PyTorch on the
     check prompts and noise seeds 0..batch-1."""
-    prompts = [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(batch)]
-    io = pipeline.component_io(pipeline.tokenize(prompts), pipeline.make_noise(range(batch)))
-    return with_generator(io)
+    ids = pipeline.tokenize(check_prompts(batch))
+    return with_generator(pipeline.component_io(ids, pipeline.make_noise(range(batch))))
 
 
 def session_io(session: Session, batch: int = 1) -> IO:
@@ -448,8 +438,12 @@ def session_io(session: Session, batch: int = 1) -> IO:
     noise = np.random.default_rng(0).standard_normal(
         (batch, *session.recipe.latent_shape), dtype=np.float32
     )
-    prompts = [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(batch)]
-    return with_generator(session.component_io(session.tokenize(prompts), noise))
+    return with_generator(session.component_io(session.tokenize(check_prompts(batch)), noise))
+
+
+def check_prompts(batch: int) -> list[str]:
+    """The first `batch` check prompts, repeated as needed."""
+    return [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(batch)]
 
 
 def feeds_for(spec: ComponentSpec, recorded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

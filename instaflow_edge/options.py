@@ -60,6 +60,16 @@ class Options:
         return cls(**values)
 
     @classmethod
+    def coerce(cls: type[T], value: T | Mapping[str, Any] | None, **overrides: Any) -> T:
+        """This class from an instance of it, a mapping of its fields or None (the defaults),
+        with `overrides` (more fields) on top; another options class is a user error."""
+        if value is None or isinstance(value, Mapping):
+            return cls.from_mapping({**(value or {}), **overrides})
+        if not isinstance(value, cls):
+            raise UserError(f"expected {cls.__name__}, got {type(value).__name__}")
+        return cls.from_mapping({**value.to_dict(), **overrides}) if overrides else value
+
+    @classmethod
     def from_strings(cls: type[T], pairs: Iterable[str]) -> T:
         """From `KEY=VALUE` strings (the command line's --runtime-option), each converted to its
         field's type: ints, floats, booleans (true/false/1/0/yes/no), strings, `none` for None."""

@@ -183,10 +183,7 @@ class Runtime(ABC):
         `options` is this runtime's options class, or a mapping of its fields; keyword
         `settings` are fields too (`load(bundle, "cpu", fused=False)`).
         """
-        if options is None or isinstance(options, Mapping):
-            options = self.options.from_mapping({**(options or {}), **settings})
-        elif settings:
-            options = self.options.from_mapping({**options.to_dict(), **settings})
+        options = self.options.coerce(options, **settings)
         bundle = Path(bundle)
         return self.open(bundle, self.verify(bundle), device, options)
 
