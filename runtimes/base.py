@@ -31,6 +31,11 @@ CONTRACT_DTYPES = {
 }
 
 
+# what a graph declares for one tensor: its shape (None for a dynamic axis) and numpy dtype name;
+# None for either where the graph does not say
+GraphTensor = tuple[tuple[int | None, ...] | None, str | None]
+
+
 class RuntimeUnavailable(UserError):
     """This runtime cannot run here: not installed, wrong OS, or the device is absent."""
 
@@ -153,6 +158,38 @@ class BundleSession(Session):
     def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph on inputs already in its dtypes and batch; outputs by tensor name."""
 
+    @abstractmethod
+    def graph_tensors(self, component: str) -> dict[str, GraphTensor] | None:
+        """The loaded graph's own inputs and outputs by name, or None where the format keeps no
+        signature (then the manifest's word is all there is)."""
+
+    def check_graphs(self, bundle: Path) -> None:
+        """Refuse a manifest whose tensors disagree with the graphs it describes: names, dtypes,
+        ranks and every fixed axis (a manifest edited by hand would otherwise crash mid-run)."""
+        for component, spec in self.specs.items():
+            graph = self.graph_tensors(component)
+            if graph is None:
+                continue
+            declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+            if set(graph) != set(declared):
+                raise UserError(
+                    f"bundle {bundle}: {component}'s graph has tensors {sorted(graph)}, its "
+                    f"manifest declares {sorted(declared)}"
+                )
+            for name, (shape, dtype) in graph.items():
+                tensor = declared[name]
+                if dtype is not None and dtype != tensor.dtype:
+                    raise UserError(
+                        f"bundle {bundle}: {component}.{name} is {tensor.dtype} in the manifest "
+                        f"but {dtype} in the graph"
+                    )
+                if shape is not None and not _shapes_agree(shape, tensor.shape):
+                    raise UserError(
+                        f"bundle {bundle}: {component}.{name} has shape {list(tensor.shape)} in "
+                        f"the manifest but {[d if d is not None else '?' for d in shape]} in "
+                        "the graph"
+                    )
+
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """With a fused generator (and option fused): one graph call; else three graphs."""
         if self.fused:
@@ -178,14 +215,18 @@ class Runtime(ABC):
         options: RuntimeOptions | Mapping[str, Any] | None = None,
         **settings: Any,
     ) -> Session:
-        """Verify every file of the bundle against its manifest, then open it on `device`.
+        """Verify every file of the bundle against its manifest, open it on `device`, and check
+        the graphs' tensors against the manifest's.
 
         `options` is this runtime's options class, or a mapping of its fields; keyword
         `settings` are fields too (`load(bundle, "cpu", fused=False)`).
         """
         options = self.options.coerce(options, **settings)
         bundle = Path(bundle)
-        return self.open(bundle, self.verify(bundle), device, options)
+        session = self.open(bundle, self.verify(bundle), device, options)
+        if isinstance(session, BundleSession):
+            session.check_graphs(bundle)
+        return session
 
     @abstractmethod
     def open(
@@ -200,6 +241,14 @@ class Runtime(ABC):
                 f"bundle {bundle} is for target {manifest.target!r}, not {self.target!r}"
             )
         return manifest
+
+
+def _shapes_agree(graph: tuple[int | None, ...], declared: tuple[int | str, ...]) -> bool:
+    """Same rank, and every axis the graph fixes is the declared one (a dynamic declared axis,
+    such as "batch", needs a dynamic graph axis)."""
+    if len(graph) != len(declared):
+        return False
+    return all(g is None or g == d for g, d in zip(graph, declared, strict=True))
 
 
 def load_bundle_tokenizer(bundle: Path, max_length: int):

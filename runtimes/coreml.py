@@ -18,6 +18,7 @@ from instaflow_edge.manifest import Manifest
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import (
     BundleSession,
+    GraphTensor,
     Runtime,
     RuntimeOptions,
     RuntimeUnavailable,
@@ -61,12 +62,21 @@ class _Predictor:
         self.device = device
         if device:
             self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
-            self.inputs = {i.name: _array_dtype(i) for i in self.model.get_spec().description.input}
+            description = self.model.get_spec().description
+            self.tensors = {
+                feature.name: _feature_tensor(feature)
+                for feature in (*description.input, *description.output)
+            }
+            self.inputs = {i.name: np.dtype(self.tensors[i.name][1]) for i in description.input}
             self.executed_on = f"Core ML ({compute_units})"
         else:
             from instaflow_edge.runtimes.mil_interpreter import load_program
 
             self.model = load_program(path)
+            self.tensors = {
+                name: (tuple(d if isinstance(d, int) else None for d in shape), dtype.name)
+                for name, (shape, dtype) in {**self.model.inputs, **self.model.outputs}.items()
+            }
             self.inputs = {name: dtype for name, (_, dtype) in self.model.inputs.items()}
             self.executed_on = INTERPRETER
 
@@ -76,9 +86,12 @@ class _Predictor:
         return {name: np.asarray(value) for name, value in outputs.items()}
 
 
-def _array_dtype(feature) -> np.dtype:
-    kinds = {65568: np.float32, 65552: np.float16, 131104: np.int32, 65600: np.float64}
-    return np.dtype(kinds[feature.type.multiArrayType.dataType])
+def _feature_tensor(feature) -> GraphTensor:
+    """A Core ML model description's multiarray feature as (shape, dtype); a package saved
+    without shapes (outputs often are) says None."""
+    kinds = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
+    array = feature.type.multiArrayType
+    return (tuple(array.shape) or None, kinds.get(array.dataType))
 
 
 class CoreMLSession(BundleSession):
@@ -98,6 +111,9 @@ class CoreMLSession(BundleSession):
 
     def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.components[component](inputs)
+
+    def graph_tensors(self, component: str) -> dict[str, GraphTensor]:
+        return self.components[component].tensors
 
 
 class CoreMLRuntime(Runtime):

@@ -389,7 +389,7 @@ class MILProgram:
         self.inputs = {
             name: (tuple(var.shape), _dtype_of(var)) for name, var in function.inputs.items()
         }
-        self.output_names = [var.name for var in function.outputs]
+        self.outputs = {var.name: (tuple(var.shape), _dtype_of(var)) for var in function.outputs}
         self.op_counts: dict[str, int] = {}
         self.decompressed: list[str] = []  # constants that constexpr ops produced
         self.const_ops: dict[str, str] = {}  # const op name -> the name of its value
@@ -453,7 +453,7 @@ class MILProgram:
             results = result if isinstance(result, tuple) else (result,)
             for (name, dtype), value in zip(step.outputs, results, strict=True):
                 values[name] = np.asarray(value).astype(dtype, copy=False)
-        return {name: values[name] for name in self.output_names}
+        return {name: values[name] for name in self.outputs}
 
 
 def _compute(value):

@@ -18,6 +18,7 @@ from instaflow_edge.manifest import Manifest
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import (
     BundleSession,
+    GraphTensor,
     Runtime,
     RuntimeOptions,
     RuntimeUnavailable,
@@ -29,6 +30,13 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+ONNX_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+}
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,16 @@ class OnnxSession(BundleSession):
         binding = self.prepare(component, inputs)()
         names = [spec.name for spec in self.specs[component].outputs]
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def graph_tensors(self, component: str) -> dict[str, GraphTensor]:
+        session = self.sessions[component]
+        return {
+            node.name: (
+                tuple(d if isinstance(d, int) else None for d in node.shape),
+                ONNX_TYPES.get(node.type, node.type),
+            )
+            for node in (*session.get_inputs(), *session.get_outputs())
+        }
 
 
 class OnnxRuntime(Runtime):

@@ -16,6 +16,7 @@ from instaflow_edge.manifest import Manifest
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import (
     BundleSession,
+    GraphTensor,
     Runtime,
     RuntimeOptions,
     RuntimeUnavailable,
@@ -118,6 +119,17 @@ class OpenVinoSession(BundleSession):
 
     def settings(self) -> dict[str, object]:
         return {**super().settings(), "executed_precision": self.inference_precision}
+
+    def graph_tensors(self, component: str) -> dict[str, GraphTensor]:
+        declared = {t.name for t in (*self.specs[component].inputs, *self.specs[component].outputs)}
+        compiled = self.compiled[component]
+        return {  # a port has a set of names (a converted graph keeps its old ones too)
+            min(port.get_names() & declared or port.get_names()): (
+                tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape()),
+                np.dtype(port.get_element_type().to_dtype()).name,
+            )
+            for port in (*compiled.inputs, *compiled.outputs)
+        }
 
     def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.requests[component]

@@ -156,6 +156,46 @@ def test_tampered_file_is_refused_by_name(bundles, target, tmp_path):
         load_session(bundle)
 
 
+def edit_manifest(bundle: Path, change) -> None:
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    change(data)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def shorter_text(data: dict) -> None:
+    """Prompt length 32 -> 16 everywhere: a manifest consistent in itself, not with its graphs."""
+    components = data["components"]
+    for tensor in [
+        components["text_encoder"]["inputs"][0],
+        components["text_encoder"]["outputs"][0],
+        components["unet"]["inputs"][2],
+        *(t for t in components.get("generator", {}).get("inputs", []) if t["name"] == "input_ids"),
+    ]:
+        tensor["shape"][1] = 16
+
+
+def half_sample(data: dict) -> None:
+    data["components"]["unet"]["inputs"][0]["dtype"] = "float16"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [(shorter_text, "has shape"), (half_sample, "unet.sample is float16 in the manifest but")],
+)
+def test_a_manifest_that_disagrees_with_its_graphs_is_refused(
+    bundles, target, tmp_path, change, words
+):
+    import shutil
+
+    bundle = shutil.copytree(bundles(target), tmp_path / "edited")
+    edit_manifest(bundle, change)
+    if target == "toy":  # TorchScript keeps no signature to check against
+        pytest.skip("the toy target's graphs declare no tensors")
+    with pytest.raises(UserError, match=words):
+        load_session(bundle)
+
+
 class ScaledUnet(torch.nn.Module):
     """A UNet whose output is 1% off: what a bad conversion of one layer would give."""
 

@@ -29,6 +29,9 @@ class ToySession(BundleSession):
             out = self.modules[component](*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
         return {spec.outputs[0].name: out.numpy()}
 
+    def graph_tensors(self, component: str) -> None:
+        return None  # TorchScript keeps no tensor signature
+
 
 class ToyRuntime(Runtime):
     name = "toy"
