@@ -139,7 +139,8 @@ class Exporter(ABC):
         return nullcontext()
 
     def parity_device(self, options: ExportOptions) -> str:
-        """Where the export-time parity check runs the new bundle."""
+        """Where the export-time parity check runs the new bundle; a RuntimeUnavailable when
+        the options need a device that is not here (asked before any work)."""
         return "cpu"
 
     def write_assets(
@@ -168,6 +169,7 @@ class Exporter(ABC):
                 f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
         gates = Gates.for_bundle(precision, None, gate_overrides)
+        device = self.parity_device(options)  # before any work: it refuses a device not here
         batch = self.static_batch(options)
         specs = {
             name: spec.with_batch(batch).with_dtypes(self.dtypes)
@@ -208,7 +210,6 @@ class Exporter(ABC):
                 },
             )
             write_manifest(staging, manifest)
-            device = self.parity_device(options)
             self._check(staging, manifest, reference, "PyTorch", gates, device)
         return Path(out_dir)
 

@@ -28,6 +28,8 @@ from instaflow_edge.export.base import (
     QuantizeOptions,
 )
 from instaflow_edge.options import option
+from instaflow_edge.runtimes.base import RuntimeUnavailable
+from instaflow_edge.runtimes.onnxruntime import cuda_available
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,12 @@ class OnnxExporter(Exporter):
         save_onnx(model, path)
 
     def parity_device(self, options: OnnxExportOptions) -> str:
+        if options.device == "cuda" and not cuda_available():
+            raise RuntimeUnavailable(
+                "--device cuda fuses the graphs into ops only ONNX Runtime's CUDA provider runs, "
+                "and it is not available here, so the bundle cannot be checked: export with "
+                "--device cpu, or on a machine with onnxruntime-gpu and a GPU"
+            )
         return options.device or "cpu"
 
     def write_assets(

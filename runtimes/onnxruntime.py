@@ -6,6 +6,7 @@ run bundles with this module, and a test imports it with torch blocked.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,13 +65,37 @@ def _onnxruntime():
     return onnxruntime
 
 
+# a one-node ONNX model (Identity, float[1], opset 17; written by onnx.helper) to probe providers
+PROBE_MODEL = bytes.fromhex(
+    "080812003a3b0a100a017812017922084964656e74697479120570726f62655a0f0a0178120a0a0808011204"
+    "0a020801620f0a0179120a0a08080112040a02080142040a001011"
+)
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """Whether the CUDA provider really loads here: a GPU build lists it even where the CUDA
+    libraries or the GPU are missing, and then falls back to the CPU one session at a time."""
+    ort = _onnxruntime()
+    if CUDA not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(4)  # the failed load's log lines would read as our errors
+    try:
+        probe = ort.InferenceSession(PROBE_MODEL, providers=[CUDA, CPU])
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default
+    return probe.get_providers()[0] == CUDA
+
+
 def providers_for(device: str) -> list[str]:
     """The execution providers to ask for: CUDA first when asked for and built in, else the CPU."""
-    ort = _onnxruntime()
     if device.startswith("cuda"):
-        if CUDA in ort.get_available_providers():
+        if cuda_available():
             return [CUDA, CPU]
-        logger.warning("onnxruntime here has no CUDA provider: running on the CPU provider")
+        logger.warning(
+            "ONNX Runtime's CUDA provider does not load here (no GPU build, GPU or CUDA "
+            "libraries): running on the CPU provider"
+        )
         return [CPU]
     if device != "cpu":
         raise UserError(f"unknown device {device!r} for onnxruntime: use cpu or cuda")

@@ -104,3 +104,14 @@ def test_python_api_mistakes_are_user_errors(onnx_bundle):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             OneStepPipeline.from_pretrained(device="cuda")
+
+
+def test_export_for_cuda_without_cuda_is_refused_before_any_work(capsys, tmp_path):
+    from instaflow_edge.runtimes.onnxruntime import cuda_available
+
+    if cuda_available():
+        pytest.skip("CUDA runs here: the refusal is for machines without it")
+    status, err = run(capsys, "export", "--device", "cuda", "--out", str(tmp_path / "b"))
+    assert_one_line(status, err, 2, "--device cuda", "not available here", "--device cpu")
+    assert list(tmp_path.iterdir()) == []
+    assert "export onnx" not in err  # no graph was converted

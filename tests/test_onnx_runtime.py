@@ -6,20 +6,17 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from instaflow_edge.runtimes import load_session
-from instaflow_edge.runtimes.onnxruntime import CPU, CUDA, OnnxRuntime
+from instaflow_edge.runtimes.onnxruntime import CPU, CUDA, OnnxRuntime, cuda_available
 from tests.conftest import assert_one_line_error, run_cli
 
 PROMPT = "a red circle above a blue square"
-# onnxruntime-gpu lists the CUDA provider even on a machine without a GPU, where it cannot load
-HAS_CUDA = CUDA in ort.get_available_providers() and Path("/dev/nvidia0").exists()
+HAS_CUDA = cuda_available()
 
 BLOCK_TORCH = """
 import sys
