@@ -37,7 +37,7 @@ from instaflow_edge.manifest import (
 )
 from instaflow_edge.metrics import image_metrics, tensor_metrics
 from instaflow_edge.options import Options, option
-from instaflow_edge.recipe import with_generator
+from instaflow_edge.recipe import require_finite, with_generator
 from instaflow_edge.runtimes import RuntimeUnavailable, Session, get_runtime
 
 logger = logging.getLogger(__name__)
@@ -431,7 +431,11 @@ def pytorch_io(pipeline: Any, batch: int = 1) -> IO:
     """Every component's (and the fused generator's) inputs and outputs from PyTorch on the
     check prompts and noise seeds 0..batch-1."""
     ids = pipeline.tokenize(check_prompts(batch))
-    return with_generator(pipeline.component_io(ids, pipeline.make_noise(range(batch))))
+    io = pipeline.component_io(ids, pipeline.make_noise(range(batch)))
+    for name, tensors in io.items():
+        for tensor, value in tensors.items():
+            require_finite(value, f"the model's {name}.{tensor} on the check prompt")
+    return with_generator(io)
 
 
 def session_io(session: Session, batch: int = 1) -> IO:

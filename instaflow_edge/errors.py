@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (missing file, unknown target, corrupt bundle, empty prompt, ...)."""
+
+
+class NonFiniteError(UserError):
+    """A model, its inputs or its training produced NaN or Inf: refused before anything is written."""

@@ -18,7 +18,13 @@ from instaflow_edge.components import ModelShapes
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import euler_times, unet_timestep
 from instaflow_edge.models import LoadedModel, load_model
-from instaflow_edge.recipe import ONE_STEP_TIMESTEP, one_step, to_uint8, unit_interval
+from instaflow_edge.recipe import (
+    ONE_STEP_TIMESTEP,
+    one_step,
+    require_finite,
+    to_uint8,
+    unit_interval,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +186,10 @@ class OneStepPipeline:
         return unit_interval(self.decode_latents(latents))
 
     def decode_to_uint8(self, latents: torch.Tensor) -> np.ndarray:
-        """VAE decoder: latents to uint8 NHWC images, as every runtime makes them."""
-        return to_uint8(self.decode_latents(latents)).cpu().numpy()
+        """VAE decoder: latents to uint8 NHWC images, as every runtime makes them; NaN or Inf
+        anywhere is a NonFiniteError, never a black image."""
+        decoded = require_finite(self.decode_latents(latents), "the model's decoded image")
+        return to_uint8(decoded).cpu().numpy()
 
     @torch.no_grad()
     def sample_latents(

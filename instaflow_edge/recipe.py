@@ -25,6 +25,16 @@ def decoder_input(noise: Array, velocity: Array, scaling_factor: float) -> Array
     return (noise + velocity) / scaling_factor
 
 
+def require_finite(array: Array, what: str) -> Array:
+    """`array` when every value is finite, else a NonFiniteError naming `what` (NaN pixels would
+    otherwise be written as black ones). Eager only: the fused graph cannot raise."""
+    from instaflow_edge.errors import NonFiniteError
+
+    if not bool(((array - array) == 0).all()):  # x - x is 0 unless x is NaN or +-Inf
+        raise NonFiniteError(f"{what} has NaN or Inf values: nothing was written")
+    return array
+
+
 def unit_interval(decoded: Array) -> Array:
     """The VAE decoder's output in [-1, 1] mapped to [0, 1], NCHW."""
     return (decoded / 2 + 0.5).clip(0, 1)

@@ -18,7 +18,7 @@ from instaflow_edge.components import COMPONENTS, ComponentSpec, ModelShapes
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest, SamplingRecipe, verify_bundle
 from instaflow_edge.options import Options, option
-from instaflow_edge.recipe import one_step, to_uint8
+from instaflow_edge.recipe import one_step, require_finite, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,11 @@ class Session(ABC):
         return lambda: self.run(component, feeds)
 
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """The one-step recipe from components: uint8 NHWC images from token ids and noise."""
-        return to_uint8(self.component_io(input_ids, noise)["vae_decoder"]["sample"])
+        """The one-step recipe from components: uint8 NHWC images from token ids and noise;
+        NaN or Inf in the noise or the decoded image is a NonFiniteError."""
+        require_finite(noise, "the noise")
+        decoded = self.component_io(input_ids, noise)["vae_decoder"]["sample"]
+        return to_uint8(require_finite(decoded, f"the {self.runtime} decoded image"))
 
 
 class BundleSession(Session):
@@ -192,7 +195,8 @@ class BundleSession(Session):
 
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """With a fused generator (and option fused): one graph call; else three graphs."""
-        if self.fused:
+        if self.fused:  # its weights passed the export's finite checks; the noise is new
+            noise = require_finite(noise, "the noise")
             return self.run("generator", {"input_ids": input_ids, "noise": noise})["image"]
         return super().generate(input_ids, noise)
 

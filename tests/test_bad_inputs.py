@@ -115,3 +115,45 @@ def test_export_for_cuda_without_cuda_is_refused_before_any_work(capsys, tmp_pat
     assert_one_line(status, err, 2, "--device cuda", "not available here", "--device cpu")
     assert list(tmp_path.iterdir()) == []
     assert "export onnx" not in err  # no graph was converted
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """A model directory whose UNet's last bias is NaN: every image it makes is NaN."""
+    import torch
+
+    from instaflow_edge.pipeline import OneStepPipeline
+
+    pipeline = OneStepPipeline.from_pretrained()
+    with torch.no_grad():
+        pipeline.unet.conv_out.bias.fill_(float("nan"))
+    return pipeline.save_pretrained(tmp_path_factory.mktemp("nan") / "model")
+
+
+def test_generate_refuses_a_nan_image_instead_of_writing_a_black_one(capsys, nan_model, tmp_path):
+    out = tmp_path / "x.png"
+    status, err = run(
+        capsys, "generate", "-p", "a red circle", "--model", str(nan_model), "-o", str(out)
+    )
+    assert_one_line(status, err, 2, "NaN or Inf", "nothing was written")
+    assert not out.exists()
+
+
+def test_export_refuses_a_model_that_outputs_nan_before_any_work(capsys, nan_model, tmp_path):
+    out = tmp_path / "bundle"
+    status, err = run(capsys, "export", "--model", str(nan_model), "--out", str(out))
+    assert_one_line(status, err, 2, "unet.out_sample", "NaN or Inf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_session_refuses_nan_noise(onnx_bundle):
+    import numpy as np
+
+    from instaflow_edge.errors import NonFiniteError
+    from instaflow_edge.runtimes import load_session
+
+    session = load_session(onnx_bundle)
+    noise = np.full((1, *session.recipe.latent_shape), np.nan, dtype=np.float32)
+    for fused in (True, False):
+        with pytest.raises(NonFiniteError, match="the noise has NaN or Inf"):
+            load_session(onnx_bundle, fused=fused).generate(session.tokenize("a cat"), noise)

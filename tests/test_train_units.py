@@ -143,3 +143,43 @@ def test_with_ema_decay_a_stage_ends_with_the_moving_average_of_its_weights(tmp_
         make_config(TrainConfig(), None, {"ema_decay": 1.0})
     with pytest.raises(UserError, match="no moving average"):  # a checkpoint made without one
         fit({"m": model}, loss_fn, config, tmp_path / "plain", World(), "unit")
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from instaflow_edge.errors import NonFiniteError
+
+    config = TrainConfig(steps=8, checkpoint_every=2, lr=0.05, warmup=1)
+    model, loss_fn, _ = _regression()
+    calls = []
+
+    def diverging(generator):
+        calls.append(1)
+        return loss_fn(generator) * (float("nan") if len(calls) >= 4 else 1.0)
+
+    with pytest.raises(
+        NonFiniteError, match="loss .* at step 4 is not finite.*checkpoint of step 2"
+    ):
+        fit({"m": model}, diverging, config, tmp_path / "run", World(), "unit")
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert len(state["losses"]) == 2
+    weights = load_file(str(tmp_path / "run" / "checkpoint" / "weights.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_training_stops_when_a_step_makes_a_weight_non_finite(tmp_path):
+    from instaflow_edge.errors import NonFiniteError
+
+    model = torch.nn.Linear(2, 2)
+    config = TrainConfig(steps=40, checkpoint_every=1, lr=3e37, warmup=1)
+
+    def one_weight(generator):  # finite until the weight is; Adam's steps of ~lr overflow it
+        return model.weight[0, 0] * 1.0
+
+    with pytest.raises(NonFiniteError, match=r"a weight at step \d+ is not finite") as stopped:
+        fit({"m": model}, one_weight, config, tmp_path / "run", World(), "unit")
+    step = int(str(stopped.value).split("at step ")[1].split()[0])
+    assert f"checkpoint of step {step - 1} " in str(stopped.value)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert len(state["losses"]) == step - 1

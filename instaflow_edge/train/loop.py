@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from instaflow_edge.atomic import atomic_directory, atomic_file
-from instaflow_edge.errors import UserError
+from instaflow_edge.errors import NonFiniteError, UserError
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.distributed import World
 
@@ -143,20 +144,27 @@ def fit(
         unit="step",
         disable=not world.is_main,
     )
+    saved = len(losses)  # the step of the checkpoint on disk (0: none)
     for step in bar:
         loss = loss_fn(step_generator(config.seed, step, world.rank))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         world.average_gradients(parameters)
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        mean_loss = float(world.mean(loss.detach()))  # every rank sees the same value
+        _stop_unless_finite(f"the loss ({mean_loss})", mean_loss, step, desc, checkpoint, saved)
+        _stop_unless_finite("the gradient norm", float(norm), step, desc, checkpoint, saved)
         optimizer.step()
         schedule.step()
+        if not all(bool(torch.isfinite(p).all()) for p in parameters):
+            _stop_unless_finite("a weight", float("nan"), step, desc, checkpoint, saved)
         if average is not None:
             average.step(parameters)
-        losses.append(float(world.mean(loss.detach())))
+        losses.append(mean_loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
+            saved = done
             if world.is_main:
                 state = {"stage": desc, "losses": losses, "held_out_before": before}
                 _save_checkpoint(modules, optimizer, schedule, average, state, checkpoint)
@@ -176,6 +184,19 @@ def fit(
 
 
 @torch.no_grad()
+def _stop_unless_finite(
+    what: str, value: float, step: int, desc: str, checkpoint: Path, saved: int
+) -> None:
+    """Stop training at the first non-finite number, before it reaches the weights on disk."""
+    if math.isfinite(value):
+        return
+    kept = f"the checkpoint of step {saved} in {checkpoint} is kept" if saved else "no checkpoint"
+    raise NonFiniteError(
+        f"{desc}: {what} at step {step + 1} is not finite: training stopped ({kept}); "
+        "lower --lr or check the data"
+    )
+
+
 def _evaluate(probe: ProbeFn, modules: dict[str, torch.nn.Module]) -> float:
     for module in modules.values():
         module.eval()
