@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 
 INDEX_NAME = "calibration.json"
@@ -30,6 +31,7 @@ class CalibrationSet:
     prompts: list[str]
     seeds: list[int]
     shards: list[str]
+    shapes: dict[str, tuple[int, ...]]  # "<component>/<tensor>" -> its shape in the first shard
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -47,6 +49,21 @@ class CalibrationSet:
             count = next(iter(named.values())).shape[0]
             for index in range(count):
                 yield {name: value[index : index + 1] for name, value in named.items()}
+
+    def check_shapes(self, specs: dict[str, ComponentSpec]) -> None:
+        """Refuse a set whose recorded tensors do not fit these components (one made for another
+        model, or edited): every input each component takes, in the shape it takes."""
+        for component, spec in specs.items():
+            for tensor in spec.inputs:
+                key = f"{component}/{tensor.name}"
+                if key not in self.shapes:
+                    raise UserError(f"calibration set {self.path} has no {key}")
+                if list(self.shapes[key][1:]) != list(tensor.shape[1:]):
+                    raise UserError(
+                        f"calibration set {self.path} holds {key} of shape "
+                        f"{list(self.shapes[key][1:])}, but the bundle's {component} takes "
+                        f"{list(tensor.shape[1:])}: it was made for another model"
+                    )
 
     def inputs(self, component: str, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Only the named inputs of each sample, as a quantizer's calibration reader wants them."""
@@ -66,19 +83,37 @@ def load_calibration(path: Path) -> CalibrationSet:
         data = json.loads(index.read_text())
         if data["schema_version"] != SCHEMA_VERSION:
             raise UserError(f"{index}: unsupported schema version {data['schema_version']}")
-        calibration = CalibrationSet(
-            path=path,
-            source_model=data["source_model"],
-            prompts=list(data["prompts"]),
-            seeds=list(data["seeds"]),
-            shards=list(data["shards"]),
-        )
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        source_model, prompts = str(data["source_model"]), list(data["prompts"])
+        seeds, shards = list(data["seeds"]), list(data["shards"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise UserError(f"{index} is malformed: {error}") from error
-    missing = [shard for shard in calibration.shards if not (path / shard).is_file()]
-    if missing:
-        raise UserError(f"calibration set {path} is missing {', '.join(missing)}")
-    return calibration
+    shapes = _shard_shapes(path, shards)
+    return CalibrationSet(path, source_model, prompts, seeds, shards, shapes)
+
+
+def _shard_shapes(path: Path, shards: list[str]) -> dict[str, tuple[int, ...]]:
+    """Read every shard's header (not its data): each a file of the set, readable, with the same
+    tensors; the shapes of the first. A truncated or foreign file is refused by name."""
+    from safetensors import SafetensorError, safe_open
+
+    if not shards or any(not isinstance(s, str) or Path(s).name != s for s in shards):
+        raise UserError(f"calibration set {path}: its shards {shards!r} are not files of the set")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise UserError(f"calibration set {path} is missing {shard}")
+        try:
+            with safe_open(path / shard, "numpy") as handle:
+                found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except SafetensorError as error:
+            raise UserError(
+                f"calibration set {path}: {shard} is not a readable safetensors file ({error}); "
+                "make the set again with calibrate"
+            ) from error
+        if shapes and set(found) != set(shapes):
+            raise UserError(f"calibration set {path}: {shard} holds other tensors than {shards[0]}")
+        shapes = shapes or found
+    return shapes
 
 
 def write_calibration(

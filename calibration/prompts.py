@@ -26,10 +26,12 @@ def load_prompts(name_or_path: str | Path, limit: int | None = None) -> list[str
         known = ", ".join(PROMPT_SETS)
         raise UserError(f"prompts {name!r} is neither a prompt set ({known}) nor a file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UserError(f"prompts file {path} is not UTF-8 text: {error}") from error
-    prompts = [line.strip() for line in lines if line.strip()]
+    if "\x00" in text:
+        raise UserError(f"prompts file {path} is a binary file, not text (one prompt per line)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts (one per line)")
     return prompts[:limit]

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from instaflow_edge.atomic import atomic_directory, check_replaceable
-from instaflow_edge.components import COMPONENTS, ComponentSpec, component_specs
+from instaflow_edge.components import COMPONENTS, RECIPE, ComponentSpec, component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.gates import GateFailed, Gates, failure_line, failures_of
 from instaflow_edge.manifest import (
@@ -326,6 +326,9 @@ class Exporter(ABC):
                 f"calibration set {calibration} was made from {calibration_set.source_model!r}, "
                 f"but the bundle from {manifest.source_model.get('id')!r}"
             )
+        calibration_set.check_shapes(
+            {name: entry.spec for name, entry in manifest.components.items() if name in RECIPE}
+        )
         return calibration_set
 
     def _check(

@@ -16,6 +16,13 @@ from instaflow_edge.presets import PRESETS, build_modules
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "embedded" / "tiny"
 DEFAULT_MODEL = "tiny"
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae")
+# what a text-to-image repository on the hub holds that we load (safetensors only)
+HUB_FILES = [
+    f"{folder}/{pattern}"
+    for folder in COMPONENT_FOLDERS
+    for pattern in ("*.json", "*.txt", "*.safetensors")
+]
+HUB_PROBE_SECONDS = 10
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -77,34 +84,61 @@ def _load_directory(path: Path, source: str) -> LoadedModel:
     try:
         return LoadedModel(
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True),
-            unet=UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True),
-            vae=AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True),
+            text_encoder=_complete(CLIPTextModel, path / "text_encoder"),
+            unet=_complete(UNet2DConditionModel, path / "unet"),
+            vae=_complete(AutoencoderKL, path / "vae"),
             source=source,
         ).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"could not load the model in {path}: {_first_line(error)}") from error
 
 
+def _complete(model_class, folder: Path | str, **where: str):
+    """A module from a folder's safetensors (a hub id's with `subfolder`), refused unless every
+    weight came from the file (the libraries would fill a missing tensor with fresh random
+    values, or leave it empty)."""
+    module, info = model_class.from_pretrained(
+        folder, use_safetensors=True, output_loading_info=True, **where
+    )
+    folder = "/".join([str(folder), *where.values()])
+    wrong = {
+        kind: sorted(info.get(kind) or [])
+        for kind in ("missing_keys", "mismatched_keys", "error_msgs")
+    }
+    for kind, names in wrong.items():
+        if names:
+            what = kind.replace("_keys", "").replace("error_msgs", "errors")
+            raise UserError(
+                f"the weights in {folder} do not fit its config: {len(names)} {what} "
+                f"tensor(s), e.g. {names[0]}"
+            )
+    return module
+
+
 def _load_hub(model_id: str) -> LoadedModel:
+    """A hub model: from the local cache when it is there (no network), else downloaded after
+    one quick probe of the hub, so that a machine offline fails in seconds, not minutes of
+    retries; then loaded and checked as any local directory."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = {"allow_patterns": HUB_FILES, "ignore_patterns": ["*.fp16.*", "*.non_ema.*"]}
     try:
-        loaded = LoadedModel(
-            tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(
-                model_id, subfolder="text_encoder", use_safetensors=True
-            ),
-            unet=UNet2DConditionModel.from_pretrained(
-                model_id, subfolder="unet", use_safetensors=True
-            ),
-            vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae", use_safetensors=True),
-            source=model_id,
-        )
-    except Exception as error:  # the hub client raises many types; all mean "not available"
-        raise UserError(
-            f"model {model_id!r} is not available offline or on the hub "
-            f"(safetensors weights only): {_first_line(error)}"
-        ) from error
-    return loaded.eval()
+        folder = huggingface_hub.snapshot_download(model_id, local_files_only=True, **patterns)
+    except LocalEntryNotFoundError:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise UserError(
+                f"model {model_id!r} is not in the local hub cache and HF_HUB_OFFLINE is set"
+            ) from None
+        try:
+            huggingface_hub.model_info(model_id, timeout=HUB_PROBE_SECONDS)
+            folder = huggingface_hub.snapshot_download(model_id, **patterns)
+        except Exception as error:  # the hub client raises many types; all mean "not available"
+            raise UserError(
+                f"model {model_id!r} is not in the local hub cache and could not be fetched "
+                f"from the hub: {_first_line(error)}"
+            ) from error
+    return _load_directory(Path(folder), source=model_id)
 
 
 def _check_safetensors(folder: Path) -> None:

@@ -96,7 +96,48 @@ def test_corrupt_safetensors_names_the_file(tmp_path):
         load_model(str(model_dir))
 
 
-def test_hub_id_not_available_offline_is_a_user_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="not available"):
-        load_model("no-such-org/no-such-instaflow-model")
+def test_a_hub_model_in_the_local_cache_loads_without_the_network(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "models--someorg--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(EMBEDDED_MODEL_DIR, snapshot)
+    (tmp_path / "models--someorg--tiny" / "refs").mkdir()
+    (tmp_path / "models--someorg--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "model_info", None)  # any network use fails the test
+    loaded = load_model("someorg/tiny")
+    assert loaded.source == "someorg/tiny"
+    assert sum(p.numel() for p in loaded.unet.parameters()) > 0
+
+
+def test_a_hub_model_that_cannot_be_fetched_fails_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    def unreachable(model_id, timeout):
+        assert timeout <= 10
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    started = time.monotonic()
+    with pytest.raises(UserError, match="not in the local hub cache and could not be fetched"):
+        load_model("someorg/missing")
+    assert time.monotonic() - started < 10
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        load_model("someorg/missing")
+
+
+def test_a_weights_file_missing_a_tensor_is_refused_by_name(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "model")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["conv_out.bias"]
+    save_file(tensors, weights)
+    with pytest.raises(UserError, match="1 missing tensor.*conv_out.bias"):
+        load_model(str(model))

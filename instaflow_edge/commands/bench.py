@@ -10,6 +10,7 @@ from typing import Any
 from instaflow_edge.commands.common import (
     add_session_arguments,
     check_runs,
+    prompt_text,
     reference_device,
     runtime_options,
 )
@@ -29,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_session_arguments(parser)
-    parser.add_argument("--prompt", default=None, help="the prompt to time (a synthetic caption)")
+    parser.add_argument(
+        "--prompt", type=prompt_text, help="the prompt to time (a synthetic caption)"
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     parser.set_defaults(run=run)
 

@@ -112,3 +112,14 @@ def seed_value(text: str) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"a seed is from 0 to {MAX_SEED}, not {seed}")
     return seed
+
+
+def prompt_text(text: str) -> str:
+    """--prompt: text that is valid UTF-8 (bytes that are not arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text"
+        ) from None
+    return text

@@ -6,7 +6,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from instaflow_edge.commands.common import add_runtime_arguments, runtime_options, seed_value
+from instaflow_edge.commands.common import (
+    add_runtime_arguments,
+    prompt_text,
+    runtime_options,
+    seed_value,
+)
 from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -23,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "-p", "--prompt", action="append", default=[], help="a prompt (repeat for several images)"
+        "-p",
+        "--prompt",
+        action="append",
+        default=[],
+        type=prompt_text,
+        help="a prompt (repeat for several images)",
     )
     parser.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     parser.add_argument(
@@ -59,11 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    from instaflow_edge.calibration.prompts import load_prompts
+
     prompts = list(prompts)
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise UserError(f"prompts file {prompts_file} does not exist")
-        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        prompts += load_prompts(prompts_file)
     if not prompts:
         raise UserError("no prompt given: use --prompt TEXT or --prompts FILE")
     for prompt in prompts:
