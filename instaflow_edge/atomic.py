@@ -22,6 +22,9 @@ from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# the folders this process has renamed into place, complete (an interrupt after that loses nothing)
+COMMITTED: set[Path] = set()
+
 
 @contextmanager
 def atomic_directory(
@@ -44,6 +47,7 @@ def atomic_directory(
             if final.exists() and not existed:
                 raise UserError(f"{final} appeared while this ran: nothing was replaced")
             _replace(staging, final)
+            COMMITTED.add(final.resolve())
         finally:
             if staging.exists():
                 shutil.rmtree(staging)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from instaflow_edge import __version__
+from instaflow_edge.atomic import COMMITTED
 from instaflow_edge.commands import (
     bench,
     calibrate,
@@ -22,6 +25,7 @@ from instaflow_edge.errors import UserError
 from instaflow_edge.gates import GateFailed
 
 PROG = "instaflow-edge"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 DESCRIPTION = """\
 Take a one-step InstaFlow text-to-image model to the edge: generate with the PyTorch
 reference, export to ONNX Runtime / Core ML / OpenVINO, quantize, validate parity and
@@ -67,7 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine's refusal: a full or read-only disk, no permission
+        if error.errno not in DISK_ERRORS:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"{PROG}: error: {error.strerror}{where}; nothing was written", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        if out is not None and Path(out).resolve() in COMMITTED:
+            print(f"{PROG}: interrupted after {out} was complete: it is kept", file=sys.stderr)
+            return 0
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 

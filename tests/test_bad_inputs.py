@@ -157,3 +157,34 @@ def test_a_session_refuses_nan_noise(onnx_bundle):
     for fused in (True, False):
         with pytest.raises(NonFiniteError, match="the noise has NaN or Inf"):
             load_session(onnx_bundle, fused=fused).generate(session.tokenize("a cat"), noise)
+
+
+def test_an_interrupt_after_the_bundle_is_complete_keeps_it_and_exits_0(
+    capsys, tmp_path, monkeypatch
+):
+    from instaflow_edge import tables
+    from instaflow_edge.manifest import verify_bundle
+
+    def interrupted(bundle):  # Ctrl-C while the summary prints, after the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tables, "parity_summary", interrupted)
+    out = tmp_path / "bundle"
+    status, err = run(capsys, "export", "--out", str(out))
+    assert status == 0 and "interrupted after" in err and "it is kept" in err
+    verify_bundle(out)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from instaflow_edge.export.onnx import OnnxExporter
+
+    def disk_full(self, model, path, job):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(OnnxExporter, "save", disk_full)
+    status, err = run(capsys, "export", "--out", str(tmp_path / "bundle"))
+    assert_one_line(status, err, 2, "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []

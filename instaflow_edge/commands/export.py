@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     exporter = get_exporter(args.target)  # mistakes fail before the model loads
     keys = {key for cls in option_classes("export").values() for key in cls.keys()}
     options = options_from_args(exporter.export_options, args, f"target {args.target}", keys)
-    out = args.out or Path(f"{Path(args.model or 'tiny').name}-{args.target}-{args.precision}")
+    out = args.out = args.out or Path(
+        f"{Path(args.model or 'tiny').name}-{args.target}-{args.precision}"
+    )
     check_out(out, args.overwrite)  # before the model loads
 
     from instaflow_edge.pipeline import OneStepPipeline

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     exporter = get_exporter(target)
     keys = {key for cls in option_classes("quantize").values() for key in cls.keys()}
     options = options_from_args(exporter.quantize_options, args, f"target {target}", keys)
-    out = args.out or args.bundle.with_name(f"{args.bundle.name}-{args.method}")
+    out = args.out = args.out or args.bundle.with_name(f"{args.bundle.name}-{args.method}")
     from instaflow_edge.quiet import quiet_libraries
 
     quiet_libraries()
