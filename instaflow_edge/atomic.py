@@ -24,6 +24,17 @@ logger = logging.getLogger(__name__)
 
 # the folders this process has renamed into place, complete (an interrupt after that loses nothing)
 COMMITTED: set[Path] = set()
+# the staging folders this process is writing now: the only ones any reader may open
+STAGING: set[Path] = set()
+STAGING_NAMES = (".partial-", ".old-")  # hidden folders of unfinished or replaced work
+
+
+def unfinished(path: Path) -> bool:
+    """Whether `path` is a staging folder that some other (perhaps killed) run left: never a
+    finished output, whatever it holds."""
+    path = Path(path)
+    named = path.name.startswith(".") and any(part in path.name for part in STAGING_NAMES)
+    return named and path.resolve() not in STAGING
 
 
 @contextmanager
@@ -42,6 +53,7 @@ def atomic_directory(
         _remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
+        STAGING.add(staging.resolve())
         try:
             yield staging
             if final.exists() and not existed:
@@ -49,6 +61,7 @@ def atomic_directory(
             _replace(staging, final)
             COMMITTED.add(final.resolve())
         finally:
+            STAGING.discard(staging.resolve())
             if staging.exists():
                 shutil.rmtree(staging)
 

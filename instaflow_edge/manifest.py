@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from instaflow_edge.atomic import atomic_file
+from instaflow_edge.atomic import atomic_file, unfinished
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.jsonio import dumps
@@ -180,6 +180,11 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     path = bundle_dir / MANIFEST_NAME
     if not bundle_dir.is_dir():
         raise BundleError(f"bundle {bundle_dir} does not exist or is not a directory")
+    if unfinished(bundle_dir):
+        raise BundleError(
+            f"{bundle_dir} is the staging folder of an unfinished or replaced run, not a bundle "
+            "(the next run writing the same output removes it)"
+        )
     if not path.is_file():
         raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST_NAME}")
     try:

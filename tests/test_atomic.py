@@ -1,13 +1,21 @@
-"""Atomic writes: a failed write leaves neither a partial result nor its staging files."""
+"""Atomic writes: a failed write leaves neither a partial result nor its staging files; a killed
+export leaves nothing that looks finished; two writers of one folder cannot both succeed."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from instaflow_edge.atomic import atomic_directory, atomic_file
 from instaflow_edge.errors import UserError
+from instaflow_edge.manifest import verify_bundle
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def test_failed_directory_write_leaves_nothing(tmp_path):
@@ -88,3 +96,48 @@ def test_failed_file_write_keeps_the_old_file(tmp_path):
         raise RuntimeError
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def _export(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "instaflow_edge", "export", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_a_sigkilled_export_leaves_no_bundle_and_the_next_run_cleans_up(tmp_path):
+    out = tmp_path / "bundle"
+    export = _export(out)
+    deadline = time.monotonic() + 120
+    staged: list[Path] = []
+    while not staged and export.poll() is None and time.monotonic() < deadline:
+        staged = list(tmp_path.glob(".bundle.partial-*/manifest.json"))  # its parity check runs
+        time.sleep(0.02)
+    export.kill()
+    export.communicate()
+    assert staged, "the export ended before its staging folder held a manifest"
+    assert not out.exists()
+    inspected = run_cli("inspect", str(staged[0].parent))  # complete-looking, yet refused
+    assert_one_line_error(inspected, "staging folder of an unfinished")
+    rerun = run_cli("export", "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed 1 unfinished folder" in rerun.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    verify_bundle(out)
+
+
+@pytest.mark.slow
+def test_two_exports_to_one_folder_cannot_both_succeed(tmp_path):
+    out = tmp_path / "bundle"
+    first, second = _export(out), _export(out)
+    results = [(p.wait(), p.communicate()[1]) for p in (first, second)]
+    assert sorted(status for status, _ in results) == [0, 2], results
+    refusal = next(err for status, err in results if status == 2)
+    assert "another run is writing" in refusal or "already exists" in refusal, refusal
+    assert "Traceback" not in refusal
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    verify_bundle(out)
