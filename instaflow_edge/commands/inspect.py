@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from instaflow_edge.components import ComponentSpec, TensorSpec
+from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import MANIFEST_NAME
 from instaflow_edge.tables import format_table
 
@@ -24,10 +25,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="?",
         help="a bundle directory, or a model ('tiny' default, 'sd15', a directory or a hub id)",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check that TARGET is a closed bundle: every file listed, inside the bundle and "
+        "matching its sha256, the manifest well formed; exit 2 naming the first problem",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verify:
+        from instaflow_edge.manifest import verify_bundle
+
+        if not args.target:
+            raise UserError("--verify needs a bundle directory")
+        manifest = verify_bundle(Path(args.target))
+        print(f"{args.target}: verified {len(manifest.all_files())} files against the manifest")
+        return 0
     if args.target and (Path(args.target) / MANIFEST_NAME).is_file():
         print(describe_bundle(Path(args.target)))
     else:

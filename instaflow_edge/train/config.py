@@ -49,8 +49,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        settings = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"config file {path} is not valid JSON: {error}") from error
     if not isinstance(settings, dict):
         raise UserError(f"config file {path} must hold a JSON object")
