@@ -17,9 +17,10 @@ import numpy as np
 
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
+from instaflow_edge.recipe import PREDICTION
 
 INDEX_NAME = "calibration.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: unet/out_sample is the flow prediction (noise - data, recipe.PREDICTION)
 
 
 @dataclass
@@ -82,7 +83,10 @@ def load_calibration(path: Path) -> CalibrationSet:
     try:
         data = json.loads(index.read_text())
         if data["schema_version"] != SCHEMA_VERSION:
-            raise UserError(f"{index}: unsupported schema version {data['schema_version']}")
+            raise UserError(
+                f"{index}: schema version {data['schema_version']}, this toolkit reads "
+                f"{SCHEMA_VERSION}: make the set again with calibrate"
+            )
         source_model, prompts = str(data["source_model"]), list(data["prompts"])
         seeds, shards = list(data["seeds"]), list(data["shards"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
@@ -129,6 +133,7 @@ def write_calibration(
         "seeds": seeds,
         "shards": shards,
         "timestep": 1000.0,
+        "prediction": PREDICTION,
     }
     path = Path(out) / INDEX_NAME
     with atomic_file(path) as staging:

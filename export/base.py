@@ -144,9 +144,10 @@ class Exporter(ABC):
         return "cpu"
 
     def write_assets(
-        self, staging: Path, specs: dict[str, ComponentSpec], options: ExportOptions
+        self, staging: Path, pipeline: Any, specs: dict[str, ComponentSpec], options: ExportOptions
     ) -> list[str]:
-        """Files beyond the components and the tokenizer (e.g. an index); their bundle paths."""
+        """Files beyond the components and the tokenizer (e.g. the clients' configs); their bundle
+        paths. They stay assets (quantization copies them), even inside a component's folder."""
         return []
 
     # -- the flow -------------------------------------------------------------------------------
@@ -190,7 +191,8 @@ class Exporter(ABC):
                     model = self.convert(job)
                     self.save(model, path, job)
                     del model, module, job
-            assets = copy_tokenizer(pipeline, staging) + self.write_assets(staging, specs, options)
+            assets = copy_tokenizer(pipeline, staging)
+            assets += self.write_assets(staging, pipeline, specs, options)
             manifest = Manifest(
                 target=self.target,
                 runtime=self.runtime,
@@ -201,7 +203,7 @@ class Exporter(ABC):
                     vae_scaling_factor=pipeline.scaling_factor,
                     image_size=pipeline.image_size,
                 ),
-                components=self._entries(staging, specs),
+                components=self._entries(staging, specs, assets),
                 assets=hash_files(staging, assets),
                 details={
                     "converter": self.converter,
@@ -271,7 +273,7 @@ class Exporter(ABC):
                     specs[name] = entry.spec
                 else:
                     logger.warning("%s: %s is left out of the quantized bundle", method, name)
-            components = self._entries(staging, specs)
+            components = self._entries(staging, specs, list(manifest.assets))
             details: dict[str, Any] = {
                 "converter": manifest.details.get("converter"),
                 "source_bundle": str(bundle),
@@ -300,10 +302,12 @@ class Exporter(ABC):
         return Path(out_dir)
 
     # -- the flow's steps ---------------------------------------------------------------------
-    def _entries(self, staging: Path, specs: dict[str, ComponentSpec]) -> dict[str, ComponentEntry]:
+    def _entries(
+        self, staging: Path, specs: dict[str, ComponentSpec], assets: list[str]
+    ) -> dict[str, ComponentEntry]:
         return {
             name: ComponentEntry.from_files(
-                staging, spec, self.layout[name], owned_files(staging, self.layout[name])
+                staging, spec, self.layout[name], owned_files(staging, self.layout[name], assets)
             )
             for name, spec in specs.items()
         }
@@ -389,16 +393,17 @@ def copy_assets(source_bundle: Path, staging: Path, manifest: Manifest) -> None:
         shutil.copy2(source_bundle / relative, staging / relative)
 
 
-def owned_files(staging: Path, file: str) -> list[str]:
+def owned_files(staging: Path, file: str, assets: list[str]) -> list[str]:
     """The files a component owns beside its main file: everything else in its own folder (an
-    ONNX graph's external data, an IR's weights); a package folder is hashed whole anyway."""
+    ONNX graph's external data, an IR's weights) but the bundle's assets (a client's config.json);
+    a package folder is hashed whole anyway."""
     path = staging / file
     if path.is_dir() or path.parent == staging:
         return []
     return sorted(
         p.relative_to(staging).as_posix()
         for p in path.parent.rglob("*")
-        if p.is_file() and p != path
+        if p.is_file() and p != path and p.relative_to(staging).as_posix() not in assets
     )
 
 

@@ -36,6 +36,7 @@ from instaflow_edge.export.base import (
 )
 from instaflow_edge.metrics import tensor_metrics
 from instaflow_edge.options import option
+from instaflow_edge.recipe import decoder_input
 from instaflow_edge.runtimes.coreml import COMPUTE_UNITS
 
 if TYPE_CHECKING:  # torch and coremltools load only when a conversion runs
@@ -254,7 +255,7 @@ class CoreMLExporter(Exporter):
         model.save(str(path))
 
     def write_assets(
-        self, staging: Path, specs: dict[str, ComponentSpec], options: ExportOptions
+        self, staging: Path, pipeline: Any, specs: dict[str, ComponentSpec], options: ExportOptions
     ) -> list[str]:
         for file in APPLE_TOKENIZER_FILES:  # Apple's package reads them at the bundle root
             shutil.copy2(staging / "tokenizer" / file, staging / file)
@@ -303,13 +304,13 @@ def compress_package(
 
 
 def one_step_psnr(program, samples: list[dict[str, np.ndarray]], constants=None) -> float:
-    """PSNR of the one-step latents (noise + v) against the calibration set's PyTorch ones."""
+    """PSNR of the one-step latents against the calibration set's PyTorch ones."""
     reference, candidate = [], []
     for sample in samples:
         feeds = {name: sample[name] for name in program.inputs}
         out = program.run(feeds, constants)["out_sample"].astype(np.float32)
-        reference.append(sample["sample"] + sample["out_sample"])
-        candidate.append(sample["sample"] + out)
+        reference.append(decoder_input(sample["sample"], sample["out_sample"], 1.0))
+        candidate.append(decoder_input(sample["sample"], out, 1.0))
     return tensor_metrics(np.concatenate(reference), np.concatenate(candidate))["psnr_db"]
 
 

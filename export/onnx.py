@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from instaflow_edge.components import COMPONENTS, ComponentSpec
+from instaflow_edge.diffusers_format import write_component_configs, write_pipeline_files
 from instaflow_edge.export.base import (
     Conversion,
     Exporter,
@@ -113,9 +113,12 @@ class OnnxExporter(Exporter):
         return options.device or "cpu"
 
     def write_assets(
-        self, staging: Path, specs: dict[str, ComponentSpec], options: ExportOptions
+        self, staging: Path, pipeline: Any, specs: dict[str, ComponentSpec], options: ExportOptions
     ) -> list[str]:
-        return [write_model_index(staging, specs)]
+        """optimum's layout: what `ORTDiffusionPipeline.from_pretrained(bundle)` reads."""
+        return write_pipeline_files(staging) + write_component_configs(
+            staging, pipeline, self.layout
+        )
 
     def quantize_component(self, job: Quantization) -> bool:
         if job.method == "fp16":
@@ -176,24 +179,6 @@ def save_onnx(model, path: Path) -> Path:
         )
         (path.parent / EXTERNAL_DATA_FILE).chmod(0o644)  # onnx creates it private (0600)
     return path
-
-
-def write_model_index(staging: Path, specs: dict[str, ComponentSpec]) -> str:
-    """optimum's model_index.json: which folders hold which pipeline parts."""
-    import diffusers
-
-    index = {
-        "_class_name": "ORTStableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "text_encoder": ["optimum", "ORTModelTextEncoder"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["optimum", "ORTModelUnet"],
-        "vae_decoder": ["optimum", "ORTModelVaeDecoder"],
-    }
-    if "generator" in specs:
-        index["generator"] = ["instaflow_edge", "OneStepGenerator"]
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return "model_index.json"
 
 
 # -- graph optimisation ---------------------------------------------------------------------------

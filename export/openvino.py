@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from instaflow_edge.components import BATCH, COMPONENTS, ComponentSpec
+from instaflow_edge.diffusers_format import write_component_configs, write_pipeline_files
 from instaflow_edge.export.base import Conversion, Exporter, ExportOptions, Quantization
 from instaflow_edge.options import option
 
@@ -75,6 +76,14 @@ class OpenVinoExporter(Exporter):
 
         # ov.save_model stores fp16 weights unless told not to: an fp32 IR stays fp32 on disk
         ov.save_model(model, path, compress_to_fp16=job.precision == "fp16")
+
+    def write_assets(
+        self, staging: Path, pipeline: Any, specs: dict[str, ComponentSpec], options: ExportOptions
+    ) -> list[str]:
+        """optimum-intel's layout: what `OVDiffusionPipeline.from_pretrained(bundle)` reads."""
+        return write_pipeline_files(staging) + write_component_configs(
+            staging, pipeline, self.layout
+        )
 
     def quantize_component(self, job: Quantization) -> bool:
         import openvino as ov

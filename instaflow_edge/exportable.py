@@ -21,7 +21,8 @@ class TextEncoder(nn.Module):
 
 
 class Unet(nn.Module):
-    """(sample, timestep, encoder_hidden_states) -> out_sample: the velocity v."""
+    """(sample, timestep, encoder_hidden_states) -> out_sample: diffusers' flow prediction, noise -
+    data, the negative of the model's velocity (`recipe.PREDICTION`; one Neg at the end)."""
 
     def __init__(self, pipeline: OneStepPipeline):
         super().__init__()
@@ -30,7 +31,7 @@ class Unet(nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(
+        return -self.unet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False
         )[0]
 

@@ -16,8 +16,11 @@ from instaflow_edge.atomic import atomic_file, unfinished
 from instaflow_edge.components import ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.jsonio import dumps
+from instaflow_edge.recipe import PREDICTION
 
-SCHEMA_VERSION = 2  # 2: the manifest names the runtime module that runs the bundle
+# 2: the manifest names the runtime module that runs the bundle; 3: the UNet graph outputs
+# diffusers' flow prediction (noise - data), declared as sampling.prediction
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 TRACKED_LIBRARIES = (
     "instaflow-edge",
@@ -44,11 +47,13 @@ class BundleError(UserError):
 
 @dataclass
 class SamplingRecipe:
-    """How to run the bundle: one UNet call at timestep 1000, no guidance, then decode latents/scale."""
+    """How to run the bundle: one UNet call at timestep 1000, no guidance, latents = noise - the
+    UNet's output (`prediction`: diffusers' flow prediction, noise - data), decode latents/scale."""
 
     latent_shape: list[int]
     vae_scaling_factor: float
     image_size: int
+    prediction: str = PREDICTION
     timestep: float = 1000.0
     num_steps: int = 1
     guidance_scale: float = 0.0
@@ -194,7 +199,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     schema = data.get("schema_version") if isinstance(data, dict) else None
     if schema != SCHEMA_VERSION:
         raise BundleError(
-            f"{path} has schema version {schema!r}; this toolkit reads version {SCHEMA_VERSION}"
+            f"{path} has schema version {schema!r}; this toolkit reads version {SCHEMA_VERSION} "
+            "(export the bundle again)"
         )
     try:
         manifest = Manifest.from_dict(data)
@@ -210,6 +216,11 @@ def check_contract(manifest: Manifest, path: Path) -> None:
     known dtypes, shapes that agree with the sampling recipe."""
     from instaflow_edge.components import COMPONENTS, RECIPE, ModelShapes
 
+    if manifest.sampling.prediction != PREDICTION:
+        raise BundleError(
+            f"{path}: its UNet predicts {manifest.sampling.prediction!r}; this toolkit runs "
+            f"{PREDICTION!r} (noise - data) graphs"
+        )
     missing = [name for name in RECIPE if name not in manifest.components]
     if missing:
         raise BundleError(f"{path} is malformed: it has no {', '.join(missing)} component")

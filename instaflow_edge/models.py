@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
+from instaflow_edge.diffusers_format import flip_prediction, speaks_flow_prediction
 from instaflow_edge.errors import UserError
 from instaflow_edge.presets import PRESETS, build_modules
 
@@ -18,9 +19,13 @@ DEFAULT_MODEL = "tiny"
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae")
 # what a text-to-image repository on the hub holds that we load (safetensors only)
 HUB_FILES = [
-    f"{folder}/{pattern}"
-    for folder in COMPONENT_FOLDERS
-    for pattern in ("*.json", "*.txt", "*.safetensors")
+    "model_index.json",
+    "scheduler/*.json",  # ours says which way the UNet's output points
+    *(
+        f"{folder}/{pattern}"
+        for folder in COMPONENT_FOLDERS
+        for pattern in ("*.json", "*.txt", "*.safetensors")
+    ),
 ]
 HUB_PROBE_SECONDS = 10
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -82,7 +87,7 @@ def _load_directory(path: Path, source: str) -> LoadedModel:
     for folder in ("text_encoder", "unet", "vae"):
         _check_safetensors(path / folder)
     try:
-        return LoadedModel(
+        loaded = LoadedModel(
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
             text_encoder=_complete(CLIPTextModel, path / "text_encoder"),
             unet=_complete(UNet2DConditionModel, path / "unet"),
@@ -91,6 +96,9 @@ def _load_directory(path: Path, source: str) -> LoadedModel:
         ).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"could not load the model in {path}: {_first_line(error)}") from error
+    if speaks_flow_prediction(path):  # saved for diffusers: back to InstaFlow's velocity
+        flip_prediction(loaded.unet)
+    return loaded
 
 
 def _complete(model_class, folder: Path | str, **where: str):

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
 from PIL import Image
 
 from instaflow_edge.atomic import atomic_directory
 from instaflow_edge.components import ModelShapes
+from instaflow_edge.diffusers_format import flip_prediction, write_pipeline_files
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import euler_times, unet_timestep
 from instaflow_edge.models import LoadedModel, load_model
@@ -55,23 +54,23 @@ class OneStepPipeline:
         return cls(load_model(model)).to(device, dtype)
 
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write a diffusers-format model directory (safetensors only), atomically."""
+        """Write a diffusers model folder (safetensors only), atomically, that stock diffusers
+        runs: `DiffusionPipeline.from_pretrained(directory)` with one step makes this pipeline's
+        image. Its UNet speaks diffusers' flow prediction (`diffusers_format`); `from_pretrained`
+        reads it back into this pipeline's velocity."""
         directory = Path(directory)
         with atomic_directory(directory, overwrite, "model_index.json") as staging:
-            for name in ("text_encoder", "unet", "vae"):
+            for name in ("text_encoder", "vae"):
                 getattr(self, name).save_pretrained(staging / name, safe_serialization=True)
+            flip_prediction(self.unet)
+            try:
+                self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            finally:
+                flip_prediction(self.unet)
             self.tokenizer.save_pretrained(staging / "tokenizer")
             # vocab.json + merges.txt too: the SD-1.5 layout, and what Core ML apps read
             self.tokenizer.backend_tokenizer.model.save(str(staging / "tokenizer"))
-            index = {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": diffusers.__version__,
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            }
-            (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            write_pipeline_files(staging)
         return directory
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> OneStepPipeline:
@@ -176,6 +175,13 @@ class OneStepPipeline:
         timestep = timestep.expand(latents.shape[0]) if timestep.ndim == 0 else timestep
         return self.unet(latents, timestep, encoder_hidden_states=text_states).sample
 
+    def flow_prediction(
+        self, latents: torch.Tensor, timestep: float | torch.Tensor, text_states: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet component of a bundle outputs: diffusers' flow prediction, noise - data,
+        the negative of the velocity (`recipe.PREDICTION`)."""
+        return -self.velocity(latents, timestep, text_states)
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decoder on the flow's latents (divided by the scaling factor first): NCHW in [-1, 1]."""
@@ -225,7 +231,7 @@ class OneStepPipeline:
         timestep = torch.full((noise.shape[0],), ONE_STEP_TIMESTEP, device=self.device)
         tensors = one_step(
             self.encode_prompt,
-            self.velocity,
+            self.flow_prediction,
             lambda latent_sample: self.vae.decode(latent_sample).sample,
             input_ids,
             noise,

@@ -1,7 +1,9 @@
 """The one-step recipe, written once: token ids and noise to an image through three components.
 
-`latents = noise + v(noise, t=1000, text)`, then the VAE decodes `latents / scaling_factor`, then
-the image maps from [-1, 1] to uint8 NHWC. The functions take numpy arrays or torch tensors alike
+`latents = noise - out(noise, t=1000, text)`, where `out` is the UNet component's flow prediction
+noise - data (diffusers' convention, the negative of InstaFlow's velocity; see
+`diffusers_format`), then the VAE decodes `latents / scaling_factor`, then the image maps from
+[-1, 1] to uint8 NHWC. The functions take numpy arrays or torch tensors alike
 (they only use operators and methods both have), so the PyTorch pipeline, every runtime's session
 and the fused generator graph all run this code. No torch import: edge runtimes use it.
 """
@@ -16,13 +18,16 @@ import numpy as np
 # The UNet's timestep input is (1 - t) * 1000: pure noise (flow time t = 0) is timestep 1000,
 # the one-step model's only operating point.
 ONE_STEP_TIMESTEP = 1000.0
+# what the UNet component outputs, in diffusers' words: out = noise - data (manifests record it)
+PREDICTION = "flow_prediction"
 
 Array = Any  # a numpy array or a torch tensor
 
 
-def decoder_input(noise: Array, velocity: Array, scaling_factor: float) -> Array:
-    """The VAE decoder's input after one Euler step over the whole flow: (noise + v) / scaling."""
-    return (noise + velocity) / scaling_factor
+def decoder_input(noise: Array, prediction: Array, scaling_factor: float) -> Array:
+    """The VAE decoder's input after one Euler step over the whole flow, from sigma 1 to 0:
+    (noise - prediction) / scaling, the prediction being noise - data."""
+    return (noise - prediction) / scaling_factor
 
 
 def require_finite(array: Array, what: str) -> Array:
@@ -52,7 +57,7 @@ def to_uint8(decoded: Array) -> Array:
 
 def one_step(
     encode: Callable[[Array], Array],
-    velocity: Callable[[Array, Array, Array], Array],
+    predict: Callable[[Array, Array, Array], Array],
     decode: Callable[[Array], Array],
     input_ids: Array,
     noise: Array,
@@ -62,12 +67,12 @@ def one_step(
     """Run the recipe through three callables; every component's inputs and outputs, by the
     tensor names of `components.COMPONENTS` (what parity compares and calibration records).
 
-    encode(input_ids) -> text states; velocity(sample, timestep, text states) -> v;
+    encode(input_ids) -> text states; predict(sample, timestep, text states) -> noise - data;
     decode(latent_sample) -> image in [-1, 1]. `timestep` holds 1000 per sample.
     """
     states = encode(input_ids)
-    v = velocity(noise, timestep, states)
-    latent_sample = decoder_input(noise, v, scaling_factor)
+    prediction = predict(noise, timestep, states)
+    latent_sample = decoder_input(noise, prediction, scaling_factor)
     decoded = decode(latent_sample)
     return {
         "text_encoder": {"input_ids": input_ids, "last_hidden_state": states},
@@ -75,7 +80,7 @@ def one_step(
             "sample": noise,
             "timestep": timestep,
             "encoder_hidden_states": states,
-            "out_sample": v,
+            "out_sample": prediction,
         },
         "vae_decoder": {"latent_sample": latent_sample, "sample": decoded},
     }

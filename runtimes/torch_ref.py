@@ -41,7 +41,9 @@ class TorchSession(Session):
         elif component == "unet":
             sample = tensors["sample"].to(pipe.dtype)
             states = tensors["encoder_hidden_states"].to(pipe.dtype)
-            outputs = {"out_sample": pipe.velocity(sample, tensors["timestep"].float(), states)}
+            outputs = {
+                "out_sample": pipe.flow_prediction(sample, tensors["timestep"].float(), states)
+            }
         elif component == "vae_decoder":
             outputs = {"sample": pipe.vae.decode(tensors["latent_sample"].to(pipe.dtype)).sample}
         else:
