@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint clients
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ demo: install
 	$(BIN)/instaflow-edge quantize --bundle $(DEMO)/tiny-onnx-fp32 --method int8-static \
 		--calibration $(DEMO)/calibration --out $(DEMO)/tiny-onnx-int8 --overwrite
 	$(BIN)/instaflow-edge validate --bundle $(DEMO)/tiny-onnx-int8 --report $(DEMO)/report
+
+# optimum-onnx, optimum-intel: each in its own venv under .client-venvs (tests/test_clients.py)
+clients:
+	bash clients/build_venvs.sh
 
 lint: install
 	$(BIN)/ruff check .
