@@ -32,11 +32,13 @@ def test_graphs_have_the_spec_names_a_dynamic_batch_and_timestep_1000(onnx_bundl
     assert manifest["components"]["generator"]["outputs"][0]["dtype"] == "uint8"
 
 
-def test_fp16_export_keeps_fp32_io(pipeline, tmp_path):
+def test_fp16_export_keeps_fp32_io_and_passes_the_onnx_checker(pipeline, tmp_path):
     bundle = get_exporter("onnx").export(pipeline, tmp_path / "fp16", "fp16")
     unet = onnx.load(str(bundle / "unet" / "model.onnx"))
     assert unet.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in unet.graph.initializer)
+    for component in ("text_encoder", "unet", "vae_decoder"):  # nodes in topological order
+        onnx.checker.check_model(str(bundle / component / "model.onnx"), full_check=True)
 
 
 def test_cpu_optimised_graphs_run_on_cpu_and_keep_parity(pipeline, tmp_path):
