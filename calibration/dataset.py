@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instaflow_edge.components import ComponentSpec
+from instaflow_edge.components import LAYOUTS, ComponentSpec
 from instaflow_edge.errors import UserError
 from instaflow_edge.recipe import PREDICTION
 
@@ -59,11 +59,14 @@ class CalibrationSet:
                 key = f"{component}/{tensor.name}"
                 if key not in self.shapes:
                     raise UserError(f"calibration set {self.path} has no {key}")
-                if list(self.shapes[key][1:]) != list(tensor.shape[1:]):
+                recorded = self.shapes[key]  # as the contract arranges it; the graph may not
+                if tensor.layout is not None:
+                    recorded = LAYOUTS[tensor.layout].shape(recorded)
+                if list(recorded[1:]) != list(tensor.shape[1:]):
                     raise UserError(
                         f"calibration set {self.path} holds {key} of shape "
-                        f"{list(self.shapes[key][1:])}, but the bundle's {component} takes "
-                        f"{list(tensor.shape[1:])}: it was made for another model"
+                        f"{list(self.shapes[key][1:])}, which does not fit the bundle's "
+                        f"{component} ({list(tensor.shape[1:])}): it was made for another model"
                     )
 
     def inputs(self, component: str, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:

@@ -67,15 +67,17 @@ class QuantizeOptions(Options):
 
 @dataclass
 class Conversion:
-    """One component to convert: its torch module, its spec (in the target's batch and dtypes),
-    example inputs (PyTorch's, in those dtypes), the precision and options; `notes` collects what
-    the target finds worth recording in the manifest."""
+    """One component to convert: its torch module, its spec (in the target's batch, dtypes and
+    layouts), example inputs (PyTorch's, as the graph takes them), the precision, options and the
+    sampling recipe the bundle states; `notes` collects what the target finds worth recording in
+    the manifest."""
 
     module: Any
     spec: ComponentSpec
     example: dict[str, np.ndarray]
     precision: str
     options: ExportOptions
+    sampling: SamplingRecipe
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +117,7 @@ class Exporter(ABC):
     quantizes_from: tuple[str, ...] = PRECISIONS  # source precisions its methods accept
     method_precisions: dict[str, str] = {}  # methods that change the precision (ONNX fp16)
     dtypes: dict[str, str] = {}  # tensor dtypes this target has no equivalent for -> its own
+    tensor_layouts: dict[str, str] = {}  # tensors its graphs take arranged (components.LAYOUTS)
 
     # -- what a target supplies -----------------------------------------------------------------
     def static_batch(self, options: ExportOptions) -> int | None:
@@ -172,18 +175,26 @@ class Exporter(ABC):
         gates = Gates.for_bundle(precision, None, gate_overrides)
         device = self.parity_device(options)  # before any work: it refuses a device not here
         batch = self.static_batch(options)
+        from instaflow_edge.exportable import graph_module
+
+        contracts = component_specs(pipeline.shapes, fused=options.fused)
         specs = {
-            name: spec.with_batch(batch).with_dtypes(self.dtypes)
-            for name, spec in component_specs(pipeline.shapes, fused=options.fused).items()
+            name: spec.with_batch(batch).with_dtypes(self.dtypes).with_layouts(self.tensor_layouts)
+            for name, spec in contracts.items()
         }
+        sampling = SamplingRecipe(
+            latent_shape=list(pipeline.latent_shape),
+            vae_scaling_factor=pipeline.scaling_factor,
+            image_size=pipeline.image_size,
+        )
         reference = pytorch_io(pipeline, 1)
         traced = reference if batch == 1 else pytorch_io(pipeline, batch or TRACE_BATCH)
         notes: dict[str, dict[str, Any]] = {}
         with staged_bundle(Path(out_dir), overwrite) as staging:
             for name, spec in tqdm(specs.items(), desc=f"export {self.target}", unit="graph"):
-                module = COMPONENTS[name].build(pipeline)
-                example = feeds_for(spec, traced[name])
-                job = Conversion(module, spec, example, precision, options)
+                module = graph_module(COMPONENTS[name].build(pipeline), spec, contracts[name])
+                example = spec.to_graph(traced[name])
+                job = Conversion(module, spec, example, precision, options, sampling)
                 notes[name] = job.notes
                 path = staging / self.layout[name]
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,11 +209,7 @@ class Exporter(ABC):
                 runtime=self.runtime,
                 precision=precision,
                 source_model={"id": pipeline.source, "sha256": pipeline.fingerprint()},
-                sampling=SamplingRecipe(
-                    latent_shape=list(pipeline.latent_shape),
-                    vae_scaling_factor=pipeline.scaling_factor,
-                    image_size=pipeline.image_size,
-                ),
+                sampling=sampling,
                 components=self._entries(staging, specs, assets),
                 assets=hash_files(staging, assets),
                 details={

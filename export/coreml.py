@@ -47,6 +47,31 @@ if TYPE_CHECKING:  # torch and coremltools load only when a conversion runs
 logger = logging.getLogger(__name__)
 
 APPLE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# what an app does with the three packages (the Swift package's pipeline needs a one-step
+# scheduler and decoderScaleFactor set to vae_scaling_factor for it)
+ONE_STEP_RECIPE = (
+    "ids = CLIP BPE (vocab.json, merges.txt) padded to the TextEncoder's length; "
+    "text = TextEncoder(ids).last_hidden_state; states = text as (1, D, 1, L); "
+    "out = Unet(sample=noise, timestep=[1000], encoder_hidden_states=states); "
+    "image = VAEDecoder((noise - out) / vae_scaling_factor), in [-1, 1]"
+)
+DESCRIPTIONS = {
+    "text_encoder": "CLIP text encoder of a one-step InstaFlow model",
+    "unet": "One-step InstaFlow UNet: flow prediction (noise - data) at timestep 1000",
+    "vae_decoder": "VAE decoder: latents divided by the scaling factor to an image in [-1, 1]",
+    "generator": "The whole one-step recipe: token ids and noise to an RGB image (0-255)",
+}
+TENSOR_DESCRIPTIONS = {
+    "input_ids": "CLIP token ids as Float32, padded with the end token",
+    "last_hidden_state": "The text encoder's last hidden states (1, L, D)",
+    "sample": "Latents: the noise (UNet) or the decoded image in [-1, 1] (VAE decoder)",
+    "timestep": "The timestep: 1000, the one-step model's only operating point",
+    "encoder_hidden_states": "The text states, channels first (1, D, 1, L)",
+    "out_sample": "Flow prediction noise - data: latents = noise - out_sample",
+    "latent_sample": "(noise - out_sample) / vae_scaling_factor",
+    "noise": "Standard normal latent noise",
+    "image": "RGB pixels, 0-255",
+}
 MIN_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 MIXED_BITS = (4, 8)  # mixed: the least sensitive layers at 4 bits, the rest at 8
 
@@ -205,8 +230,10 @@ class CoreMLExporter(Exporter):
     quantize_options = CoreMLQuantizeOptions
     methods = ("palettize-8", "palettize-6", "palettize-4", "int8-linear", "mixed")
     calibrated_methods = ("mixed",)
-    # Core ML's integer arrays are int32: token ids in, the generator's pixels out
-    dtypes = {"int64": "int32", "uint8": "int32"}
+    # what Apple's Swift package feeds: token ids as Float32 (TextEncoder.swift), the text states
+    # channels first (StableDiffusionPipeline.swift's toHiddenStates); the pixels out as int32
+    dtypes = {"int64": "float32", "uint8": "int32"}
+    tensor_layouts = {"encoder_hidden_states": "B,D,1,L"}
 
     def static_batch(self, options: ExportOptions) -> int | None:
         return 1
@@ -252,6 +279,27 @@ class CoreMLExporter(Exporter):
         return coremltools_scratch()
 
     def save(self, model: Any, path: Path, job: Conversion) -> None:
+        """Save with model metadata as Apple's converter writes it (Xcode shows it), and the
+        one-step recipe and scaling factor an app needs in the user-defined metadata."""
+        from importlib.metadata import version
+
+        name, recipe = job.spec.name, job.sampling
+        model.author = "instaflow-edge"
+        model.version = version("instaflow-edge")
+        model.short_description = DESCRIPTIONS[name]
+        for tensor in job.spec.inputs:
+            model.input_description[tensor.name] = TENSOR_DESCRIPTIONS[tensor.name]
+        for tensor in job.spec.outputs:
+            model.output_description[tensor.name] = TENSOR_DESCRIPTIONS[tensor.name]
+        model.user_defined_metadata.update(
+            {
+                "instaflow_edge.component": name,
+                "instaflow_edge.timestep": str(recipe.timestep),
+                "instaflow_edge.prediction": recipe.prediction,
+                "instaflow_edge.vae_scaling_factor": str(recipe.vae_scaling_factor),
+                "instaflow_edge.recipe": ONE_STEP_RECIPE,
+            }
+        )
         model.save(str(path))
 
     def write_assets(
@@ -263,7 +311,7 @@ class CoreMLExporter(Exporter):
 
     def quantize_component(self, job: Quantization) -> bool:
         if job.method == "mixed" and job.spec.name == "unet":
-            job.notes["mixed"] = compress_mixed(job.source, job.dest, job.calibration, job.options)
+            job.notes["mixed"] = compress_mixed(job, job.calibration, job.options)
         else:  # mixed: the other packages at 8 bits
             method = "palettize-8" if job.method == "mixed" else job.method
             compress_package(job.source, job.dest, method)
@@ -315,12 +363,14 @@ def one_step_psnr(program, samples: list[dict[str, np.ndarray]], constants=None)
 
 
 def compress_mixed(
-    source: Path, dest: Path, calibration: CalibrationSet, options: CoreMLQuantizeOptions
+    job: Quantization, calibration: CalibrationSet, options: CoreMLQuantizeOptions
 ) -> dict[str, Any]:
     """Palettize the UNet with per-layer bits holding the target PSNR; what was chosen."""
     from instaflow_edge.runtimes.mil_interpreter import load_program
 
-    samples = list(itertools.islice(calibration.samples("unet"), options.calibration_samples))
+    source, dest = job.source, job.dest
+    recorded = itertools.islice(calibration.samples("unet"), options.calibration_samples)
+    samples = [{**sample, **job.spec.to_graph(sample)} for sample in recorded]  # graph layout
     bits = choose_mixed_bits(source, dest.parent, samples, options.target_psnr)
     compress_package(source, dest, "mixed", bits)
     return {

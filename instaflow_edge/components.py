@@ -4,7 +4,9 @@ Each `Component` says how to build its torch module from a pipeline, which tenso
 (names, shapes with a dynamic "batch" axis, dtypes) and which outputs parity compares. Export,
 validation, the manifest, the runtimes, calibration and the tests all read these declarations.
 A target's own naming of files lives in its exporter (`Exporter.layout`), so adding a target
-edits nothing here. No torch import: edge runtimes read the specs.
+edits nothing here. A target whose graphs take a tensor in another arrangement (Apple's Unet takes
+the text states channels first) names one of `LAYOUTS`; the spec then carries the graph's shape
+and `to_graph` converts feeds. No torch import: edge runtimes read the specs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,29 @@ from dataclasses import asdict, dataclass, replace
 from importlib import import_module
 from typing import Any
 
+import numpy as np
+
 BATCH = "batch"  # the name of the dynamic batch axis
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Another arrangement of a tensor than the contract's, that some target's graphs take.
+    `to_graph` and `to_contract` use only what numpy arrays and torch tensors both have."""
+
+    shape: Callable[[tuple[int | str, ...]], tuple[int | str, ...]]
+    to_graph: Callable[[Any], Any]
+    to_contract: Callable[[Any], Any]
+
+
+LAYOUTS = {
+    # text states (B, L, D) as Apple's Swift Unet feeds them: (B, D, 1, L), channels first
+    "B,D,1,L": Layout(
+        shape=lambda s: (s[0], s[2], 1, s[1]),
+        to_graph=lambda x: x.swapaxes(1, 2)[:, :, None, :],
+        to_contract=lambda x: x[:, :, 0, :].swapaxes(1, 2),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -22,13 +46,20 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: str  # numpy dtype name: "int64", "int32", "float32", "float16", "uint8"
+    layout: str | None = None  # a key of LAYOUTS: the graph takes the tensor so arranged
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {**data, "layout": self.layout} if self.layout else data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(name=data["name"], shape=tuple(data["shape"]), dtype=data["dtype"])
+        return cls(
+            name=data["name"],
+            shape=tuple(data["shape"]),
+            dtype=data["dtype"],
+            layout=data.get("layout"),
+        )
 
 
 @dataclass(frozen=True)
@@ -64,6 +95,34 @@ class ComponentSpec:
     def with_dtypes(self, dtypes: dict[str, str]) -> ComponentSpec:
         """The spec with tensor dtypes renamed (e.g. {"int64": "int32"} where a target has no int64)."""
         return self._map(lambda t: replace(t, dtype=dtypes.get(t.dtype, t.dtype)))
+
+    def with_layouts(self, layouts: dict[str, str]) -> ComponentSpec:
+        """The spec with the named tensors in a `LAYOUTS` arrangement (their graph shapes)."""
+        return self._map(
+            lambda t: (
+                replace(t, layout=layouts[t.name], shape=LAYOUTS[layouts[t.name]].shape(t.shape))
+                if t.name in layouts
+                else t
+            )
+        )
+
+    def to_graph(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The inputs as the graph takes them, from contract arrays: arranged, in its dtypes."""
+        return {
+            t.name: np.ascontiguousarray(
+                LAYOUTS[t.layout].to_graph(feeds[t.name]) if t.layout else feeds[t.name],
+                dtype=t.dtype,
+            )
+            for t in self.inputs
+        }
+
+    def to_contract(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The graph's outputs back in the contract's arrangement."""
+        arranged = {t.name: t.layout for t in self.outputs if t.layout}
+        return {
+            name: LAYOUTS[arranged[name]].to_contract(value) if name in arranged else value
+            for name, value in outputs.items()
+        }
 
     def _map(self, change: Callable[[TensorSpec], TensorSpec]) -> ComponentSpec:
         return replace(

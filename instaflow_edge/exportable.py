@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from instaflow_edge.components import LAYOUTS, ComponentSpec
 from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.recipe import ONE_STEP_TIMESTEP, one_step, to_uint8
 
@@ -72,3 +73,32 @@ class OneStepGenerator(nn.Module):
             self.scaling_factor,
         )
         return to_uint8(io["vae_decoder"]["sample"])
+
+
+class GraphInputs(nn.Module):
+    """A component module fed its inputs as a target's graph takes them (`spec`: another
+    arrangement, float token ids) and turning them back into the contract's (`contract`)."""
+
+    def __init__(self, module: nn.Module, spec: ComponentSpec, contract: ComponentSpec):
+        super().__init__()
+        self.module = module
+        self.changes = [
+            (graph.layout, getattr(torch, want.dtype) if graph.dtype != want.dtype else None)
+            for graph, want in zip(spec.inputs, contract.inputs, strict=True)
+        ]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        converted = []
+        for value, (layout, dtype) in zip(inputs, self.changes, strict=True):
+            value = LAYOUTS[layout].to_contract(value) if layout else value
+            converted.append(value.to(dtype) if dtype is not None else value)
+        return self.module(*converted)
+
+
+def graph_module(module: nn.Module, spec: ComponentSpec, contract: ComponentSpec) -> nn.Module:
+    """`module` itself where the graph takes the contract's inputs, else wrapped to take its own."""
+    same = all(
+        graph.layout is None and graph.dtype == want.dtype
+        for graph, want in zip(spec.inputs, contract.inputs, strict=True)
+    )
+    return module if same else GraphInputs(module, spec, contract).eval()

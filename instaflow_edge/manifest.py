@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,7 @@ def check_contract(manifest: Manifest, path: Path) -> None:
     """Refuse a manifest whose components break the contract every runtime relies on: the
     recipe's three components present, tensor names as declared in `components.COMPONENTS`,
     known dtypes, shapes that agree with the sampling recipe."""
-    from instaflow_edge.components import COMPONENTS, RECIPE, ModelShapes
+    from instaflow_edge.components import COMPONENTS, LAYOUTS, RECIPE, ModelShapes
 
     if manifest.sampling.prediction != PREDICTION:
         raise BundleError(
@@ -251,6 +251,12 @@ def check_contract(manifest: Manifest, path: Path) -> None:
                 )
             if got.dtype not in TENSOR_DTYPES:
                 raise BundleError(f"{path} is malformed: {name}.{got.name} dtype {got.dtype!r}")
+            if got.layout is not None:
+                if got.layout not in LAYOUTS:
+                    raise BundleError(
+                        f"{path} is malformed: {name}.{got.name} layout {got.layout!r}"
+                    )
+                want = replace(want, shape=LAYOUTS[got.layout].shape(want.shape))
             if list(got.shape[1:]) != list(want.shape[1:]) or not (
                 got.shape[0] == want.shape[0] or isinstance(got.shape[0], int)
             ):

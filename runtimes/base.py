@@ -133,8 +133,9 @@ class BundleSession(Session):
         return np.array([encoding.ids for encoding in encodings], dtype=np.int64)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a component by its tensor names: inputs cast to the graph's dtypes, outputs to the
-        contract's (float32; uint8 pixels); a static batch-1 graph fed a batch runs per sample."""
+        """Run a component by its tensor names: inputs arranged and cast as the graph takes them,
+        outputs back to the contract's (float32; uint8 pixels); a static batch-1 graph fed a batch
+        runs per sample."""
         if component not in self.specs:
             raise UserError(
                 f"this bundle has no component {component!r}; it has {', '.join(self.specs)}"
@@ -143,7 +144,7 @@ class BundleSession(Session):
         missing = [t.name for t in spec.inputs if t.name not in feeds]
         if missing:
             raise UserError(f"{component} needs input(s) {', '.join(missing)}")
-        inputs = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec.inputs}
+        inputs = spec.to_graph(feeds)
         batch = len(next(iter(inputs.values())))
         if spec.static_batch == 1 and batch > 1:
             parts = [
@@ -154,7 +155,8 @@ class BundleSession(Session):
         else:
             outputs = self.infer(component, inputs)
         return {
-            name: value.astype(CONTRACT_DTYPES[component, name]) for name, value in outputs.items()
+            name: value.astype(CONTRACT_DTYPES[component, name])
+            for name, value in spec.to_contract(outputs).items()
         }
 
     @abstractmethod

@@ -47,14 +47,63 @@ def fp16_bundle(pipeline, tmp_path_factory):
     return get_exporter("coreml").export(pipeline, out, "fp16", {"attention": "split-einsum"})
 
 
-def test_bundle_uses_apple_resource_names(fp32_bundle):
+# What Apple's Swift StableDiffusion package reads from each package, file and line in
+# github.com/apple/ml-stable-diffusion swift/StableDiffusion/pipeline/ (commit e12202c):
+# (package, "input"/"output", feature name or None for "the first one", dtype, shape, where)
+L, D, LATENT, IMAGE = 32, 64, (1, 4, 16, 16), (1, 3, 64, 64)  # the embedded default's sizes
+SWIFT_READS = [
+    ("TextEncoder", "input", None, "float32", (1, L),
+     "TextEncoder.swift:76-82: the first input, fed Float32(ids) in the model's input shape"),
+    ("TextEncoder", "output", "last_hidden_state", "float32", (1, L, D),
+     "TextEncoder.swift:88: featureValue(for: \"last_hidden_state\")"),
+    ("Unet", "input", "sample", "float32", LATENT,
+     "Unet.swift:63,108: inputDescriptionsByName[\"sample\"], the latents"),
+    ("Unet", "input", "timestep", "float32", (1,),
+     "Unet.swift:98-109: t = MLShapedArray<Float32>([timeStep]), shape [1] at batch 1"),
+    ("Unet", "input", "encoder_hidden_states", "float32", (1, D, 1, L),
+     "StableDiffusionPipeline.swift:449-452: toHiddenStates, [B, L, D] to [B, D, 1, L]"),
+    ("Unet", "output", None, "float32", LATENT,
+     "Unet.swift:127-130: the first output feature, whatever its name"),
+    ("VAEDecoder", "input", None, "float32", LATENT,
+     "Decoder.swift:49-53,74-77: the first input, fed latents / decoderScaleFactor"),
+    ("VAEDecoder", "output", None, "float32", IMAGE,
+     "Decoder.swift:64-68: the first output feature, an image in [-1, 1]"),
+]  # fmt: skip
+ARRAY_TYPES = {65568: "float32", 65552: "float16", 131104: "int32"}
+
+
+@pytest.mark.parametrize("row", SWIFT_READS, ids=lambda row: f"{row[0]}-{row[1]}-{row[2]}")
+def test_packages_give_apples_swift_package_what_it_reads(fp32_bundle, row):
+    import coremltools as ct
+
+    package, kind, name, dtype, shape, where = row
+    description = ct.utils.load_spec(str(fp32_bundle / f"{package}.mlpackage")).description
+    features = {f.name: f for f in getattr(description, kind)}
+    feature = features[name] if name is not None else getattr(description, kind)[0]
+    array = feature.type.multiArrayType
+    assert ARRAY_TYPES[array.dataType] == dtype, where
+    assert tuple(array.shape) == shape, where
+
+
+def test_bundle_has_apples_resources_metadata_and_recipe(fp32_bundle):
+    import coremltools as ct
+
     names = {p.name for p in fp32_bundle.iterdir()}
+    # StableDiffusionPipeline+Resources.swift:29-33: TextEncoder, Unet, VAEDecoder (compiled to
+    # .mlmodelc by coremlcompiler), vocab.json and merges.txt
     assert {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"} <= names
     assert {"vocab.json", "merges.txt", "OneStepGenerator.mlpackage"} <= names
     manifest = read_manifest(fp32_bundle)
     assert manifest.details["options"]["compute_units"] == "ALL"
-    assert manifest.components["text_encoder"].spec.inputs[0].dtype == "int32"  # no int64
     assert manifest.details["parity"]["executed_on"].startswith(("MIL interpreter", "Core ML"))
+    metadata = ct.utils.load_spec(str(fp32_bundle / "VAEDecoder.mlpackage")).description.metadata
+    assert metadata.author == "instaflow-edge" and metadata.shortDescription
+    defined = dict(metadata.userDefined)  # what an app sets decoderScaleFactor from
+    assert (
+        float(defined["instaflow_edge.vae_scaling_factor"]) == manifest.sampling.vae_scaling_factor
+    )
+    assert defined["instaflow_edge.prediction"] == manifest.sampling.prediction == "flow_prediction"
+    assert "(noise - out) / vae_scaling_factor" in defined["instaflow_edge.recipe"]
 
 
 @pytest.mark.slow
@@ -70,7 +119,8 @@ def test_fp16_split_einsum_matches_pytorch_at_35db(fp16_bundle, reference):
 def test_interpreter_detects_a_misconverted_weight(fp32_bundle, reference):
     program = load_program(fp32_bundle / "Unet.mlpackage")
     io = reference[2]["unet"]
-    feeds = {name: io[name][:1] for name in program.inputs}
+    spec = read_manifest(fp32_bundle).components["unet"].spec
+    feeds = spec.to_graph({name: value[:1] for name, value in io.items()})
     expected = io["out_sample"][:1]
     good = program.run(feeds)["out_sample"]
     # the weight of the last convolution, the UNet's output layer: what a bad conversion spoils
