@@ -116,6 +116,7 @@ class Exporter(ABC):
     calibrated_methods: tuple[str, ...] = ()  # methods that need a calibration set
     quantizes_from: tuple[str, ...] = PRECISIONS  # source precisions its methods accept
     method_precisions: dict[str, str] = {}  # methods that change the precision (ONNX fp16)
+    default_precision = "fp32"  # what its ecosystem's own converter writes by default
     dtypes: dict[str, str] = {}  # tensor dtypes this target has no equivalent for -> its own
     tensor_layouts: dict[str, str] = {}  # tensors its graphs take arranged (components.LAYOUTS)
 
@@ -158,15 +159,17 @@ class Exporter(ABC):
         self,
         pipeline: Any,
         out_dir: Path,
-        precision: str = "fp32",
+        precision: str | None = None,
         options: ExportOptions | Mapping[str, Any] | None = None,
         *,
         overwrite: bool = False,
         gate_overrides: dict[str, float | None] | None = None,
     ) -> Path:
-        """Export every component, check the bundle against PyTorch through its runtime, and
-        commit it only if the gates pass; returns the bundle directory."""
+        """Export every component (at `precision`, by default the target's), check the bundle
+        against PyTorch through its runtime, and commit it only if the gates pass; returns the
+        bundle directory."""
         options = self.export_options.coerce(options)
+        precision = precision or self.default_precision
         check_out(out_dir, overwrite)
         if precision not in PRECISIONS:
             raise UserError(

@@ -82,8 +82,9 @@ class CoreMLExportOptions(ExportOptions):
 
     compute_units: str = option("ALL", "the compute units the packages ask for", COMPUTE_UNITS)
     attention: str = option(
+        "split-einsum",
+        "attention layout: split-einsum (Apple's converter's choice for the Neural Engine) or "
         "original",
-        "attention layout; split-einsum suits the Neural Engine",
         ("original", "split-einsum"),
     )
     min_target: str = option("iOS16", "minimum deployment target", MIN_TARGETS)
@@ -219,6 +220,7 @@ class CoreMLExporter(Exporter):
 
     target = "coreml"
     runtime = "coreml"
+    default_precision = "fp16"  # Apple's converter's default; fp32 is one flag away
     layout = {  # Apple's Swift StableDiffusion resource names (the generator is ours)
         "text_encoder": "TextEncoder.mlpackage",
         "unet": "Unet.mlpackage",

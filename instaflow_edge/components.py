@@ -24,19 +24,25 @@ BATCH = "batch"  # the name of the dynamic batch axis
 @dataclass(frozen=True)
 class Layout:
     """Another arrangement of a tensor than the contract's, that some target's graphs take.
-    `to_graph` and `to_contract` use only what numpy arrays and torch tensors both have."""
+    `to_graph` and `to_contract` take numpy arrays and torch tensors alike."""
 
     shape: Callable[[tuple[int | str, ...]], tuple[int | str, ...]]
     to_graph: Callable[[Any], Any]
     to_contract: Callable[[Any], Any]
 
 
+def _permuted(x: Any, *axes: int) -> Any:
+    """`x` with its axes in this order, numpy array or torch tensor (whose converters know
+    `permute`, not `swapaxes`)."""
+    return x.permute(*axes) if hasattr(x, "permute") else x.transpose(*axes)
+
+
 LAYOUTS = {
     # text states (B, L, D) as Apple's Swift Unet feeds them: (B, D, 1, L), channels first
     "B,D,1,L": Layout(
         shape=lambda s: (s[0], s[2], 1, s[1]),
-        to_graph=lambda x: x.swapaxes(1, 2)[:, :, None, :],
-        to_contract=lambda x: x[:, :, 0, :].swapaxes(1, 2),
+        to_graph=lambda x: _permuted(x, 0, 2, 1)[:, :, None, :],
+        to_contract=lambda x: _permuted(x[:, :, 0, :], 0, 2, 1),
     ),
 }
 

@@ -171,7 +171,7 @@ def shorter_text(data: dict) -> None:
         components["unet"]["inputs"][2],
         *(t for t in components.get("generator", {}).get("inputs", []) if t["name"] == "input_ids"),
     ]:
-        tensor["shape"][1] = 16
+        tensor["shape"][-1 if tensor.get("layout") == "B,D,1,L" else 1] = 16
 
 
 def half_sample(data: dict) -> None:

@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model: 'tiny' (embedded default), 'sd15' (random weights), a directory or a hub id",
     )
     parser.add_argument(
-        "--precision", default="fp32", choices=PRECISIONS, help="fp32 (default) or fp16"
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32 or fp16; default: the target ecosystem's own (coreml: fp16, as Apple's "
+        "converter; onnx, openvino: fp32)",
     )
     parser.add_argument(
         "-o", "--out", type=Path, help="bundle directory (default: MODEL-TARGET-PRECISION)"
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     exporter = get_exporter(args.target)  # mistakes fail before the model loads
     keys = {key for cls in option_classes("export").values() for key in cls.keys()}
     options = options_from_args(exporter.export_options, args, f"target {args.target}", keys)
+    args.precision = args.precision or exporter.default_precision
     out = args.out = args.out or Path(
         f"{Path(args.model or 'tiny').name}-{args.target}-{args.precision}"
     )
