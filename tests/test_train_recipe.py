@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,16 @@ def test_each_stage_lowers_its_held_out_loss_and_writes_a_loadable_model(recipe,
     held_out = read_held_out(workdir / stage)
     assert held_out["after"] < held_out["before"], held_out
     pipe = OneStepPipeline.from_pretrained(workdir / stage / "model")
-    assert pipe(prompt="a red circle", output_type="np").shape == (1, 64, 64, 3)
+    image = pipe(prompt="a red circle", output_type="np")
+    assert image.shape == (1, 64, 64, 3)
+    # a diffusers model: stock diffusers loads it and, one step from the same noise, agrees
+    from diffusers import DiffusionPipeline
+
+    stock = DiffusionPipeline.from_pretrained(workdir / stage / "model")
+    noise = pipe.make_noise([0])
+    out = stock("a red circle", latents=noise, num_inference_steps=1, guidance_scale=0.0)
+    pixels = np.asarray(out.images[0])  # PIL, rounded as ours
+    assert np.abs(pixels.astype(int) - image[0].astype(int)).max() <= 1
 
 
 def test_pairs_are_complete_and_the_table_has_every_model(recipe):
