@@ -141,3 +141,14 @@ def test_a_weights_file_missing_a_tensor_is_refused_by_name(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(UserError, match="1 missing tensor.*conv_out.bias"):
         load_model(str(model))
+
+
+def test_the_embedded_default_is_a_stock_diffusers_model(pipeline):
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    stock = DiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR)
+    prompt = "a red circle above a blue square"
+    out = stock(prompt, latents=pipeline.make_noise([0]), num_inference_steps=1, guidance_scale=0.0)
+    ours = pipeline(prompt, seed=0, output_type="np")[0]
+    np.testing.assert_array_equal(np.asarray(out.images[0]), ours)  # bit for bit
