@@ -183,3 +183,50 @@ def test_training_stops_when_a_step_makes_a_weight_non_finite(tmp_path):
     assert f"checkpoint of step {step - 1} " in str(stopped.value)
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert len(state["losses"]) == step - 1
+
+
+def test_bf16_mixed_precision_autocasts_and_keeps_fp32_master_weights(tmp_path):
+    config = TrainConfig(steps=8, checkpoint_every=8, lr=0.05, warmup=1, mixed_precision="bf16")
+    model, loss_fn, _ = _regression()
+    seen = []
+
+    def autocast_loss(generator):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return loss_fn(generator)
+
+    losses = fit({"m": model}, autocast_loss, config, tmp_path / "bf16", World(), "unit")
+    assert seen == [torch.bfloat16] * 8
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0]
+
+
+def test_fp16_mixed_precision_needs_cuda():
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        make_config(TrainConfig(), None, {"mixed_precision": "fp16"})
+    with pytest.raises(UserError, match="mixed_precision must be one of no, bf16, fp16"):
+        make_config(TrainConfig(), None, {"mixed_precision": "int8"})
+
+
+def test_gradient_checkpointing_trains_the_same_weights_with_less_kept(pipeline, tmp_path):
+    import copy
+
+    def train(checkpointing: bool):
+        unet = copy.deepcopy(pipeline.unet).train()
+        config = TrainConfig(steps=2, checkpoint_every=2, lr=1e-3, warmup=1,
+                             gradient_checkpointing=checkpointing)  # fmt: skip
+
+        def loss_fn(generator):
+            latents = torch.randn(2, 4, 16, 16, generator=generator)
+            states = torch.randn(2, 32, 64, generator=generator)
+            out = unet(latents, torch.full((2,), 500.0), encoder_hidden_states=states).sample
+            return out.pow(2).mean()
+
+        losses = fit({"unet": unet}, loss_fn, config, tmp_path / str(checkpointing), World(), "u")
+        return unet, losses
+
+    plain, plain_losses = train(False)
+    checkpointed, losses = train(True)
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -34,6 +34,11 @@ CONFIG_FLAGS = {
     "distill_loss": (str, "distill: l2 or pseudo-huber, in latent space (l2)"),
     "eval_prompts": (int, "held-out prompts scored by eval (256)"),
     "threads": (int, "torch CPU threads per process (torch's default)"),
+    "mixed_precision": (
+        str,
+        "training stages: no, bf16 or fp16 (CUDA, with a gradient scaler): autocast, fp32 "
+        "master weights (no)",
+    ),
 }
 
 
@@ -82,6 +87,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cpu (default) or cuda")
     for name, (kind, text) in CONFIG_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations in the backward pass: less memory, more time",
+    )
     parser.set_defaults(run=run)
 
 
@@ -107,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from instaflow_edge.train.distributed import init_world, local_device
 
     quiet_libraries()
-    flags = {name: getattr(args, name) for name in CONFIG_FLAGS}
+    flags = {name: getattr(args, name) for name in (*CONFIG_FLAGS, "gradient_checkpointing")}
     if args.device is not None:
         flags["device"] = local_device(resolve_device(args.device))
     config = make_config(TrainConfig(), args.config, flags)

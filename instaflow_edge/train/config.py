@@ -36,12 +36,15 @@ class TrainConfig:
     distill_loss: str = "l2"  # distill stage: "l2" or "pseudo-huber" (closer to L1), in latents
     eval_prompts: int = 256  # held-out prompts scored by the eval stage
     feature_steps: int = 400  # training steps of the Fréchet feature network
+    mixed_precision: str = "no"  # training stages: "no", "bf16" or "fp16" (CUDA) autocast
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
 FIELDS = {field.name: field for field in fields(TrainConfig)}
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -84,6 +87,13 @@ def make_config(
         )
     if not 0.0 <= config.ema_decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    if config.mixed_precision not in MIXED_PRECISIONS:
+        raise UserError(
+            f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
+            f"got {config.mixed_precision!r}"
+        )
+    if config.mixed_precision == "fp16" and not config.device.startswith("cuda"):
+        raise UserError("mixed_precision fp16 needs CUDA (a gradient scaler); use bf16 on the CPU")
     if not math.isfinite(config.lr) or config.lr <= 0:
         raise UserError(f"lr must be a positive number, got {config.lr}")
     return config

@@ -24,6 +24,7 @@ from instaflow_edge.train.distributed import World
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average, one tensor per parameter
 LOSS_CSV = "loss.csv"
 HELD_OUT = "held_out_loss.json"
@@ -104,6 +105,11 @@ def fit(
     """
     parameters = [p for module in modules.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    if config.gradient_checkpointing:
+        _checkpoint_activations(modules, desc)
+    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
+    precision = AUTOCAST[config.mixed_precision]  # the weights and optimizer stay fp32
+    scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
     warmup = max(1, min(config.warmup, config.steps // 10))
 
     def factor(step: int) -> float:  # linear warm-up, then linear decay to a tenth
@@ -126,6 +132,8 @@ def fit(
             )
         _load_optimizer(optimizer, checkpoint)
         schedule.load_state_dict(state["schedule"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         losses, before = state["losses"], state.get("held_out_before")
         if average is not None:
             if not (checkpoint / EMA_FILE).is_file():
@@ -146,15 +154,19 @@ def fit(
     )
     saved = len(losses)  # the step of the checkpoint on disk (0: none)
     for step in bar:
-        loss = loss_fn(step_generator(config.seed, step, world.rank))
+        with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+            loss = loss_fn(step_generator(config.seed, step, world.rank))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss.float()).backward()
         world.average_gradients(parameters)
+        scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        mean_loss = float(world.mean(loss.detach()))  # every rank sees the same value
+        mean_loss = float(world.mean(loss.detach().float()))  # every rank sees the same value
         _stop_unless_finite(f"the loss ({mean_loss})", mean_loss, step, desc, checkpoint, saved)
-        _stop_unless_finite("the gradient norm", float(norm), step, desc, checkpoint, saved)
-        optimizer.step()
+        if not scaler.is_enabled():  # fp16's scaler skips an overflowing step and scales down
+            _stop_unless_finite("the gradient norm", float(norm), step, desc, checkpoint, saved)
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         if not all(bool(torch.isfinite(p).all()) for p in parameters):
             _stop_unless_finite("a weight", float("nan"), step, desc, checkpoint, saved)
@@ -167,6 +179,8 @@ def fit(
             saved = done
             if world.is_main:
                 state = {"stage": desc, "losses": losses, "held_out_before": before}
+                if scaler.is_enabled():
+                    state["scaler"] = scaler.state_dict()
                 _save_checkpoint(modules, optimizer, schedule, average, state, checkpoint)
                 write_loss_csv(out_dir / LOSS_CSV, losses)
             world.barrier()
@@ -184,6 +198,17 @@ def fit(
 
 
 @torch.no_grad()
+def _checkpoint_activations(modules: dict[str, torch.nn.Module], desc: str) -> None:
+    """Turn on the libraries' own activation checkpointing (diffusers' and transformers')."""
+    for name, module in modules.items():
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
+            module.gradient_checkpointing_enable()
+        else:
+            logger.warning("%s: %s has no gradient checkpointing; it runs without", desc, name)
+
+
 def _stop_unless_finite(
     what: str, value: float, step: int, desc: str, checkpoint: Path, saved: int
 ) -> None:
@@ -200,7 +225,8 @@ def _stop_unless_finite(
 def _evaluate(probe: ProbeFn, modules: dict[str, torch.nn.Module]) -> float:
     for module in modules.values():
         module.eval()
-    return float(probe())
+    with torch.no_grad():  # a measurement: no graph kept
+        return float(probe())
 
 
 def _save_checkpoint(modules, optimizer, schedule, average, state: dict, folder: Path) -> None:
