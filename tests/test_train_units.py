@@ -230,3 +230,26 @@ def test_gradient_checkpointing_trains_the_same_weights_with_less_kept(pipeline,
     assert losses == pytest.approx(plain_losses, rel=1e-5)
     for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_every_step_logs_loss_lr_and_throughput_to_csv_and_tensorboard(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(steps=6, checkpoint_every=3, lr=0.05, warmup=2, batch_size=4)
+    model, loss_fn, _ = _regression()
+    losses = fit({"m": model}, loss_fn, config, tmp_path / "run", World(), "unit")
+    with (tmp_path / "run" / "loss.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(row["loss"]) for row in rows] == pytest.approx(losses, rel=1e-6)
+    # the schedule's rate at each step: linear decay to a tenth over 6 steps (warm-up: 1 step)
+    assert [float(row["lr"]) for row in rows] == pytest.approx(
+        [0.05 * (1 - 0.9 * step / 6) for step in range(6)]
+    )
+    assert all(float(row["samples_per_s"]) > 0 for row in rows)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"unit/loss", "unit/lr", "unit/samples_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("unit/loss")] == pytest.approx(losses, rel=1e-5)

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average, one tensor per parameter
-LOSS_CSV = "loss.csv"
+LOSS_CSV = "loss.csv"  # per step: loss, lr, samples/s (and GPU memory on CUDA)
+TENSORBOARD = "tensorboard"  # the same per-step metrics as TensorBoard events
 HELD_OUT = "held_out_loss.json"
 # The loss of one step; the generator is seeded by (seed, step, rank), so a resumed run sees
 # exactly the batches the interrupted one would have seen.
@@ -118,6 +120,7 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     average = moving_average(parameters, config.ema_decay) if config.ema_decay > 0 else None
     losses: list[float] = []
+    history: list[dict[str, float]] = []  # per step: loss, lr, samples/s (and GPU memory)
     before = None
     checkpoint = out_dir / CHECKPOINT
     if (checkpoint / "state.json").is_file():
@@ -135,6 +138,7 @@ def fit(
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         losses, before = state["losses"], state.get("held_out_before")
+        history = state.get("history", [{"step": i + 1, "loss": v} for i, v in enumerate(losses)])
         if average is not None:
             if not (checkpoint / EMA_FILE).is_file():
                 raise UserError(f"{checkpoint} has no moving average: resume it with ema_decay 0")
@@ -153,7 +157,10 @@ def fit(
         disable=not world.is_main,
     )
     saved = len(losses)  # the step of the checkpoint on disk (0: none)
+    board = _tensorboard(out_dir / TENSORBOARD) if world.is_main else None
     for step in bar:
+        started = time.perf_counter()
+        lr = schedule.get_last_lr()[0]
         with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
             loss = loss_fn(step_generator(config.seed, step, world.rank))
         optimizer.zero_grad(set_to_none=True)
@@ -173,17 +180,39 @@ def fit(
         if average is not None:
             average.step(parameters)
         losses.append(mean_loss)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         done = step + 1
+        row = {
+            "step": done,
+            "loss": mean_loss,
+            "lr": lr,
+            "samples_per_s": config.batch_size * world.size / (time.perf_counter() - started),
+        }
+        if device_type == "cuda":
+            row["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        history.append(row)
+        if board is not None:
+            for key, value in row.items():
+                if key != "step":
+                    board.add_scalar(f"{desc}/{key}", value, done)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         if done % config.checkpoint_every == 0 or done == config.steps:
             saved = done
             if world.is_main:
-                state = {"stage": desc, "losses": losses, "held_out_before": before}
+                state = {
+                    "stage": desc,
+                    "losses": losses,
+                    "history": history,
+                    "held_out_before": before,
+                }
                 if scaler.is_enabled():
                     state["scaler"] = scaler.state_dict()
                 _save_checkpoint(modules, optimizer, schedule, average, state, checkpoint)
-                write_loss_csv(out_dir / LOSS_CSV, losses)
+                write_loss_csv(out_dir / LOSS_CSV, history)
+                if board is not None:
+                    board.flush()
             world.barrier()
+    if board is not None:
+        board.close()
     if average is not None:
         average.copy_to(parameters)
     for module in modules.values():
@@ -198,6 +227,16 @@ def fit(
 
 
 @torch.no_grad()
+def _tensorboard(folder: Path):
+    """A TensorBoard writer into `folder`, or None (said once) where tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("tensorboard is not installed: per-step metrics go to the CSV only")
+        return None
+    return SummaryWriter(str(folder))
+
+
 def _checkpoint_activations(modules: dict[str, torch.nn.Module], desc: str) -> None:
     """Turn on the libraries' own activation checkpointing (diffusers' and transformers')."""
     for name, module in modules.items():
@@ -246,11 +285,16 @@ def _save_checkpoint(modules, optimizer, schedule, average, state: dict, folder:
         (staging / "state.json").write_text(json.dumps(state))
 
 
-def write_loss_csv(path: Path, losses: list[float]) -> None:
+def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """Per step: loss, learning rate, samples/s (all processes) and, on CUDA, peak GPU memory."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
     with atomic_file(path) as staging, staging.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows((step + 1, f"{loss:.6f}") for step, loss in enumerate(losses))
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(
+            {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+            for row in history
+        )
 
 
 def read_loss_csv(path: Path) -> list[float]:
