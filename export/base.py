@@ -155,6 +155,24 @@ class Exporter(ABC):
         return []
 
     # -- the flow -------------------------------------------------------------------------------
+    def graph_spec(self, contract: ComponentSpec, options: ExportOptions) -> ComponentSpec:
+        """A component's tensors as this target's graph takes them: its batch, dtypes, layouts."""
+        batch = self.static_batch(options)
+        return contract.with_batch(batch).with_dtypes(self.dtypes).with_layouts(self.tensor_layouts)
+
+    def conversion(
+        self, pipeline: Any, name: str, precision: str, options: ExportOptions, traced: IO
+    ) -> Conversion:
+        """The job of converting one component: its module taking the graph's inputs, and
+        example inputs from `traced` (PyTorch's tensors, `pytorch_io`) as the graph takes them."""
+        from instaflow_edge.exportable import graph_module
+
+        contract = COMPONENTS[name].spec(pipeline.shapes)
+        spec = self.graph_spec(contract, options)
+        module = graph_module(COMPONENTS[name].build(pipeline), spec, contract)
+        example = spec.to_graph(traced[name])
+        return Conversion(module, spec, example, precision, options, sampling_recipe(pipeline))
+
     def export(
         self,
         pipeline: Any,
@@ -178,33 +196,23 @@ class Exporter(ABC):
         gates = Gates.for_bundle(precision, None, gate_overrides)
         device = self.parity_device(options)  # before any work: it refuses a device not here
         batch = self.static_batch(options)
-        from instaflow_edge.exportable import graph_module
-
-        contracts = component_specs(pipeline.shapes, fused=options.fused)
         specs = {
-            name: spec.with_batch(batch).with_dtypes(self.dtypes).with_layouts(self.tensor_layouts)
-            for name, spec in contracts.items()
+            name: self.graph_spec(contract, options)
+            for name, contract in component_specs(pipeline.shapes, fused=options.fused).items()
         }
-        sampling = SamplingRecipe(
-            latent_shape=list(pipeline.latent_shape),
-            vae_scaling_factor=pipeline.scaling_factor,
-            image_size=pipeline.image_size,
-        )
         reference = pytorch_io(pipeline, 1)
         traced = reference if batch == 1 else pytorch_io(pipeline, batch or TRACE_BATCH)
         notes: dict[str, dict[str, Any]] = {}
         with staged_bundle(Path(out_dir), overwrite) as staging:
-            for name, spec in tqdm(specs.items(), desc=f"export {self.target}", unit="graph"):
-                module = graph_module(COMPONENTS[name].build(pipeline), spec, contracts[name])
-                example = spec.to_graph(traced[name])
-                job = Conversion(module, spec, example, precision, options, sampling)
+            for name in tqdm(specs, desc=f"export {self.target}", unit="graph"):
+                job = self.conversion(pipeline, name, precision, options, traced)
                 notes[name] = job.notes
                 path = staging / self.layout[name]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with self.scratch():
                     model = self.convert(job)
                     self.save(model, path, job)
-                    del model, module, job
+                    del model, job  # the job holds the module: free both before the next
             assets = copy_tokenizer(pipeline, staging)
             assets += self.write_assets(staging, pipeline, specs, options)
             manifest = Manifest(
@@ -212,7 +220,7 @@ class Exporter(ABC):
                 runtime=self.runtime,
                 precision=precision,
                 source_model={"id": pipeline.source, "sha256": pipeline.fingerprint()},
-                sampling=sampling,
+                sampling=sampling_recipe(pipeline),
                 components=self._entries(staging, specs, assets),
                 assets=hash_files(staging, assets),
                 details={
@@ -445,6 +453,15 @@ def sizes(
 
 
 # -- fixed inputs and parity -------------------------------------------------------------------------
+def sampling_recipe(pipeline: Any) -> SamplingRecipe:
+    """The recipe a bundle of `pipeline` states: latent shape, scaling factor, image size."""
+    return SamplingRecipe(
+        latent_shape=list(pipeline.latent_shape),
+        vae_scaling_factor=pipeline.scaling_factor,
+        image_size=pipeline.image_size,
+    )
+
+
 def pytorch_io(pipeline: Any, batch: int = 1) -> IO:
     """Every component's (and the fused generator's) inputs and outputs from PyTorch on the
     check prompts and noise seeds 0..batch-1."""
@@ -469,11 +486,6 @@ def check_prompts(batch: int) -> list[str]:
     return [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] for i in range(batch)]
 
 
-def feeds_for(spec: ComponentSpec, recorded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A component's inputs from recorded tensors, in the spec's dtypes."""
-    return {t.name: recorded[t.name].astype(t.dtype) for t in spec.inputs}
-
-
 def compare(name: str, expected: np.ndarray, got: np.ndarray, against: str) -> dict[str, Any]:
     """Image metrics for uint8 outputs, tensor metrics otherwise; logged."""
     if got.dtype == np.uint8:
@@ -492,7 +504,7 @@ def session_parity(session: Session, reference: IO, against: str, gates: Gates) 
     components: dict[str, Any] = {}
     for name, spec in session.specs.items():
         output = spec.outputs[0].name
-        got = session.run(name, feeds_for(spec, reference[name]))[output]
+        got = session.run(name, reference[name])[output]
         metrics = compare(name, reference[name][output], got, against)
         checks = (
             gates.image_checks(metrics)

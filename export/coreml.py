@@ -42,7 +42,6 @@ from instaflow_edge.runtimes.coreml import COMPUTE_UNITS
 if TYPE_CHECKING:  # torch and coremltools load only when a conversion runs
     import torch
 
-    from instaflow_edge.calibration import CalibrationSet
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +312,7 @@ class CoreMLExporter(Exporter):
 
     def quantize_component(self, job: Quantization) -> bool:
         if job.method == "mixed" and job.spec.name == "unet":
-            job.notes["mixed"] = compress_mixed(job, job.calibration, job.options)
+            job.notes["mixed"] = compress_mixed(job)
         else:  # mixed: the other packages at 8 bits
             method = "palettize-8" if job.method == "mixed" else job.method
             compress_package(job.source, job.dest, method)
@@ -364,14 +363,12 @@ def one_step_psnr(program, samples: list[dict[str, np.ndarray]], constants=None)
     return tensor_metrics(np.concatenate(reference), np.concatenate(candidate))["psnr_db"]
 
 
-def compress_mixed(
-    job: Quantization, calibration: CalibrationSet, options: CoreMLQuantizeOptions
-) -> dict[str, Any]:
+def compress_mixed(job: Quantization) -> dict[str, Any]:
     """Palettize the UNet with per-layer bits holding the target PSNR; what was chosen."""
     from instaflow_edge.runtimes.mil_interpreter import load_program
 
-    source, dest = job.source, job.dest
-    recorded = itertools.islice(calibration.samples("unet"), options.calibration_samples)
+    source, dest, options = job.source, job.dest, job.options
+    recorded = itertools.islice(job.calibration.samples("unet"), options.calibration_samples)
     samples = [{**sample, **job.spec.to_graph(sample)} for sample in recorded]  # graph layout
     bits = choose_mixed_bits(source, dest.parent, samples, options.target_psnr)
     compress_package(source, dest, "mixed", bits)

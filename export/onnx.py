@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from instaflow_edge.components import COMPONENTS, ComponentSpec
-from instaflow_edge.diffusers_format import write_component_configs, write_pipeline_files
+from instaflow_edge.diffusers_format import write_client_files
 from instaflow_edge.export.base import (
     Conversion,
     Exporter,
@@ -116,9 +116,7 @@ class OnnxExporter(Exporter):
         self, staging: Path, pipeline: Any, specs: dict[str, ComponentSpec], options: ExportOptions
     ) -> list[str]:
         """optimum's layout: what `ORTDiffusionPipeline.from_pretrained(bundle)` reads."""
-        return write_pipeline_files(staging) + write_component_configs(
-            staging, pipeline, self.layout
-        )
+        return write_client_files(staging, pipeline, self.layout)
 
     def quantize_component(self, job: Quantization) -> bool:
         if job.method == "fp16":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instaflow_edge.components import BATCH, COMPONENTS, ComponentSpec
-from instaflow_edge.diffusers_format import write_component_configs, write_pipeline_files
+from instaflow_edge.diffusers_format import write_client_files
 from instaflow_edge.export.base import Conversion, Exporter, ExportOptions, Quantization
 from instaflow_edge.options import option
 
@@ -81,9 +81,7 @@ class OpenVinoExporter(Exporter):
         self, staging: Path, pipeline: Any, specs: dict[str, ComponentSpec], options: ExportOptions
     ) -> list[str]:
         """optimum-intel's layout: what `OVDiffusionPipeline.from_pretrained(bundle)` reads."""
-        return write_pipeline_files(staging) + write_component_configs(
-            staging, pipeline, self.layout
-        )
+        return write_client_files(staging, pipeline, self.layout)
 
     def quantize_component(self, job: Quantization) -> bool:
         import openvino as ov

@@ -26,14 +26,14 @@ logger = logging.getLogger(__name__)
 COMMITTED: set[Path] = set()
 # the staging folders this process is writing now: the only ones any reader may open
 STAGING: set[Path] = set()
-STAGING_NAMES = (".partial-", ".old-")  # hidden folders of unfinished or replaced work
+PARTIAL, OLD = ".partial-", ".old-"  # in the names of hidden folders of unfinished, replaced work
 
 
 def unfinished(path: Path) -> bool:
     """Whether `path` is a staging folder that some other (perhaps killed) run left: never a
     finished output, whatever it holds."""
     path = Path(path)
-    named = path.name.startswith(".") and any(part in path.name for part in STAGING_NAMES)
+    named = path.name.startswith(".") and any(part in path.name for part in (PARTIAL, OLD))
     return named and path.resolve() not in STAGING
 
 
@@ -51,7 +51,7 @@ def atomic_directory(
     with _writer_lock(final):
         existed = check_replaceable(final, overwrite, marker)
         _remove_stale_staging(final)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL}", dir=final.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
         STAGING.add(staging.resolve())
         try:
@@ -89,7 +89,7 @@ def _replace(staging: Path, final: Path) -> None:
     if not final.exists():
         os.replace(staging, final)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}{OLD}", dir=final.parent))
     os.replace(final, old / final.name)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -98,7 +98,7 @@ def _replace(staging: Path, final: Path) -> None:
 def _remove_stale_staging(final: Path) -> None:
     stale = [
         path
-        for pattern in (f".{final.name}.partial-*", f".{final.name}.old-*")
+        for pattern in (f".{final.name}{PARTIAL}*", f".{final.name}{OLD}*")
         for path in final.parent.glob(pattern)
         if path.is_dir() and not path.is_symlink()
     ]
@@ -130,7 +130,7 @@ def _writer_lock(final: Path) -> Iterator[None]:
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
     final = Path(final)
-    handle, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{final.name}{PARTIAL}", dir=final.parent)
     os.close(handle)
     staging = Path(name)
     try:

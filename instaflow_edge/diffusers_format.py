@@ -19,7 +19,7 @@ Bundles for optimum's clients also get `model_index.json`, the scheduler, and ea
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,6 @@ MODEL_INDEX: dict[str, Any] = {
 }
 
 
-def _diffusers_version() -> str:
-    try:
-        return version("diffusers")
-    except PackageNotFoundError:  # an edge box re-signing a bundle: the index's own version
-        return "0.42.1"
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -69,7 +62,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def write_pipeline_files(folder: Path) -> list[str]:
     """`model_index.json` and the one-step scheduler into `folder`; their relative paths."""
     folder = Path(folder)
-    stamp = {"_diffusers_version": _diffusers_version()}
+    stamp = {"_diffusers_version": version("diffusers")}
     _write_json(folder / "model_index.json", {**MODEL_INDEX, **stamp})
     scheduler = f"{SCHEDULER_FOLDER}/scheduler_config.json"
     _write_json(folder / scheduler, {**SCHEDULER_CONFIG, **stamp})
@@ -91,6 +84,12 @@ def write_component_configs(folder: Path, pipeline: Any, layout: dict[str, str])
         _write_json(Path(folder) / relative, config)
         written.append(relative)
     return written
+
+
+def write_client_files(folder: Path, pipeline: Any, layout: dict[str, str]) -> list[str]:
+    """Everything optimum's and optimum-intel's pipelines read from a bundle besides its graphs
+    and tokenizer: the index, the scheduler, each component's config; their relative paths."""
+    return write_pipeline_files(folder) + write_component_configs(folder, pipeline, layout)
 
 
 def speaks_flow_prediction(model_folder: Path) -> bool:

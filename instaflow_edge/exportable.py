@@ -76,16 +76,14 @@ class OneStepGenerator(nn.Module):
 
 
 class GraphInputs(nn.Module):
-    """A component module fed its inputs as a target's graph takes them (`spec`: another
-    arrangement, float token ids) and turning them back into the contract's (`contract`)."""
+    """A component module fed its inputs as a target's graph takes them (another arrangement,
+    float token ids), turning each back into the contract's: `changes` holds, per input, the
+    layout to undo and the dtype to cast to (None: as it comes)."""
 
-    def __init__(self, module: nn.Module, spec: ComponentSpec, contract: ComponentSpec):
+    def __init__(self, module: nn.Module, changes: list[tuple[str | None, torch.dtype | None]]):
         super().__init__()
         self.module = module
-        self.changes = [
-            (graph.layout, getattr(torch, want.dtype) if graph.dtype != want.dtype else None)
-            for graph, want in zip(spec.inputs, contract.inputs, strict=True)
-        ]
+        self.changes = changes
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         converted = []
@@ -97,8 +95,10 @@ class GraphInputs(nn.Module):
 
 def graph_module(module: nn.Module, spec: ComponentSpec, contract: ComponentSpec) -> nn.Module:
     """`module` itself where the graph takes the contract's inputs, else wrapped to take its own."""
-    same = all(
-        graph.layout is None and graph.dtype == want.dtype
+    changes = [
+        (graph.layout, getattr(torch, want.dtype) if graph.dtype != want.dtype else None)
         for graph, want in zip(spec.inputs, contract.inputs, strict=True)
-    )
-    return module if same else GraphInputs(module, spec, contract).eval()
+    ]
+    if all(change == (None, None) for change in changes):
+        return module
+    return GraphInputs(module, changes).eval()

@@ -4,6 +4,7 @@ average of the weights, loss CSV, held-out loss, resume."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -119,7 +120,6 @@ def fit(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     average = moving_average(parameters, config.ema_decay) if config.ema_decay > 0 else None
-    losses: list[float] = []
     history: list[dict[str, float]] = []  # per step: loss, lr, samples/s (and GPU memory)
     before = None
     checkpoint = out_dir / CHECKPOINT
@@ -137,26 +137,28 @@ def fit(
         schedule.load_state_dict(state["schedule"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        losses, before = state["losses"], state.get("held_out_before")
-        history = state.get("history", [{"step": i + 1, "loss": v} for i, v in enumerate(losses)])
+        before = state.get("held_out_before")
+        history = state.get(
+            "history", [{"step": i + 1, "loss": v} for i, v in enumerate(state["losses"])]
+        )
         if average is not None:
             if not (checkpoint / EMA_FILE).is_file():
                 raise UserError(f"{checkpoint} has no moving average: resume it with ema_decay 0")
-            _load_average(average, checkpoint / EMA_FILE, updates=len(losses))
-        logger.info("%s: resuming at step %d of %d", desc, len(losses), config.steps)
+            _load_average(average, checkpoint / EMA_FILE, updates=len(history))
+        logger.info("%s: resuming at step %d of %d", desc, len(history), config.steps)
     elif probe is not None:
         before = _evaluate(probe, modules)
     for module in modules.values():
         module.train()
     bar = tqdm(
-        range(len(losses), config.steps),
-        initial=len(losses),
+        range(len(history), config.steps),
+        initial=len(history),
         total=config.steps,
         desc=desc,
         unit="step",
         disable=not world.is_main,
     )
-    saved = len(losses)  # the step of the checkpoint on disk (0: none)
+    saved = len(history)  # the step of the checkpoint on disk (0: none)
     board = _tensorboard(out_dir / TENSORBOARD) if world.is_main else None
     for step in bar:
         started = time.perf_counter()
@@ -169,17 +171,18 @@ def fit(
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         mean_loss = float(world.mean(loss.detach().float()))  # every rank sees the same value
-        _stop_unless_finite(f"the loss ({mean_loss})", mean_loss, step, desc, checkpoint, saved)
+        stopped = functools.partial(
+            _stop_unless_finite, step=step, desc=desc, checkpoint=checkpoint, saved=saved
+        )
+        stopped(f"the loss ({mean_loss})", math.isfinite(mean_loss))
         if not scaler.is_enabled():  # fp16's scaler skips an overflowing step and scales down
-            _stop_unless_finite("the gradient norm", float(norm), step, desc, checkpoint, saved)
+            stopped("the gradient norm", math.isfinite(float(norm)))
         scaler.step(optimizer)
         scaler.update()
         schedule.step()
-        if not all(bool(torch.isfinite(p).all()) for p in parameters):
-            _stop_unless_finite("a weight", float("nan"), step, desc, checkpoint, saved)
+        stopped("a weight", all(bool(torch.isfinite(p).all()) for p in parameters))
         if average is not None:
             average.step(parameters)
-        losses.append(mean_loss)
         done = step + 1
         row = {
             "step": done,
@@ -194,13 +197,13 @@ def fit(
             for key, value in row.items():
                 if key != "step":
                     board.add_scalar(f"{desc}/{key}", value, done)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
         if done % config.checkpoint_every == 0 or done == config.steps:
             saved = done
             if world.is_main:
                 state = {
                     "stage": desc,
-                    "losses": losses,
+                    "losses": [row["loss"] for row in history],
                     "history": history,
                     "held_out_before": before,
                 }
@@ -223,7 +226,7 @@ def fit(
         with atomic_file(out_dir / HELD_OUT) as staging:
             staging.write_text(json.dumps(held_out) + "\n")
     world.barrier()
-    return losses
+    return [row["loss"] for row in history]
 
 
 @torch.no_grad()
@@ -249,10 +252,10 @@ def _checkpoint_activations(modules: dict[str, torch.nn.Module], desc: str) -> N
 
 
 def _stop_unless_finite(
-    what: str, value: float, step: int, desc: str, checkpoint: Path, saved: int
+    what: str, finite: bool, *, step: int, desc: str, checkpoint: Path, saved: int
 ) -> None:
     """Stop training at the first non-finite number, before it reaches the weights on disk."""
-    if math.isfinite(value):
+    if finite:
         return
     kept = f"the checkpoint of step {saved} in {checkpoint} is kept" if saved else "no checkpoint"
     raise NonFiniteError(
