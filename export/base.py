@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -63,6 +64,19 @@ class ExportOptions(Options):
 @dataclass(frozen=True)
 class QuantizeOptions(Options):
     """Quantization options of every target."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A recipe a user picks by name (`export --preset NAME`): the precision, export options,
+    quantization method (one that needs no calibration set) and runtime settings a target's
+    bundle is made with. The runtime settings go into the manifest, so every load runs it so."""
+
+    why: str  # what was measured, shown in --help and recorded
+    precision: str = "fp32"
+    export_options: Mapping[str, Any] = field(default_factory=dict)
+    method: str | None = None
+    runtime_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +133,7 @@ class Exporter(ABC):
     default_precision = "fp32"  # what its ecosystem's own converter writes by default
     dtypes: dict[str, str] = {}  # tensor dtypes this target has no equivalent for -> its own
     tensor_layouts: dict[str, str] = {}  # tensors its graphs take arranged (components.LAYOUTS)
+    presets: dict[str, Preset] = {}  # recipes by name, e.g. "fastest-cpu"
 
     # -- what a target supplies -----------------------------------------------------------------
     def static_batch(self, options: ExportOptions) -> int | None:
@@ -154,6 +169,15 @@ class Exporter(ABC):
         paths. They stay assets (quantization copies them), even inside a component's folder."""
         return []
 
+    def preset(self, name: str) -> Preset:
+        """The preset `name` of this target, or one clear error naming the known ones."""
+        if name not in self.presets:
+            raise UserError(
+                f"target {self.target} has no preset {name!r}; its presets: "
+                f"{', '.join(self.presets) or 'none'}"
+            )
+        return self.presets[name]
+
     # -- the flow -------------------------------------------------------------------------------
     def graph_spec(self, contract: ComponentSpec, options: ExportOptions) -> ComponentSpec:
         """A component's tensors as this target's graph takes them: its batch, dtypes, layouts."""
@@ -182,18 +206,22 @@ class Exporter(ABC):
         *,
         overwrite: bool = False,
         gate_overrides: dict[str, float | None] | None = None,
+        runtime_options: Mapping[str, Any] | None = None,
+        preset: str | None = None,
     ) -> Path:
         """Export every component (at `precision`, by default the target's), check the bundle
-        against PyTorch through its runtime, and commit it only if the gates pass; returns the
-        bundle directory."""
+        against PyTorch through its runtime (with `runtime_options`, which the manifest records
+        for every later load), and commit it only if the gates pass; returns the bundle
+        directory. `preset` only records the preset's name."""
         options = self.export_options.coerce(options)
+        runtime_options = self._runtime_options({}, runtime_options)
         precision = precision or self.default_precision
         check_out(out_dir, overwrite)
         if precision not in PRECISIONS:
             raise UserError(
                 f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
-        gates = Gates.for_bundle(precision, None, gate_overrides)
+        gates = Gates.for_bundle(precision, None, gate_overrides, runtime_options)
         device = self.parity_device(options)  # before any work: it refuses a device not here
         batch = self.static_batch(options)
         specs = {
@@ -223,9 +251,11 @@ class Exporter(ABC):
                 sampling=sampling_recipe(pipeline),
                 components=self._entries(staging, specs, assets),
                 assets=hash_files(staging, assets),
+                runtime_options=runtime_options,
                 details={
                     "converter": self.converter,
                     "options": options.to_dict(),
+                    "preset": preset,
                     "notes": {name: found for name, found in notes.items() if found},
                 },
             )
@@ -243,9 +273,12 @@ class Exporter(ABC):
         *,
         overwrite: bool = False,
         gate_overrides: dict[str, float | None] | None = None,
+        runtime_options: Mapping[str, Any] | None = None,
+        preset: str | None = None,
     ) -> Path:
         """Write a quantized copy of `bundle` to `out_dir`, checked against the source bundle
-        through the runtime and committed only if the gates pass; returns it."""
+        through the runtime and committed only if the gates pass; returns it. The copy keeps the
+        source's recorded runtime options, with `runtime_options` on top."""
         options = self.quantize_options.coerce(options)
         if method not in self.methods:
             raise UserError(
@@ -264,8 +297,9 @@ class Exporter(ABC):
                 f"{' or '.join(self.quantizes_from)} exports"
             )
         calibration_set = self._calibration(method, calibration, manifest)
+        recorded = self._runtime_options(manifest.runtime_options, runtime_options)
         precision = self.method_precisions.get(method, manifest.precision)
-        gates = Gates.for_bundle(precision, method, gate_overrides)
+        gates = Gates.for_bundle(precision, method, gate_overrides, recorded)
         reference = session_io(source)
         notes: dict[str, dict[str, Any]] = {}
         with staged_bundle(Path(out_dir), overwrite) as staging:
@@ -297,6 +331,7 @@ class Exporter(ABC):
                 "source_bundle": str(bundle),
                 "source_options": manifest.details.get("options", {}),
                 "options": options.to_dict(),
+                "preset": preset,
                 "notes": {name: found for name, found in notes.items() if found},
                 "sizes": sizes(bundle, manifest.components, staging, components),
             }
@@ -309,6 +344,7 @@ class Exporter(ABC):
                 manifest,
                 precision=precision,
                 quantization=method,
+                runtime_options=recorded,
                 components=components,
                 assets=hash_files(staging, list(manifest.assets)),
                 details=details,
@@ -319,7 +355,58 @@ class Exporter(ABC):
         logger.info("%s %s: %.2fx smaller than %s", self.target, method, ratio, bundle)
         return Path(out_dir)
 
+    def export_preset(
+        self,
+        pipeline: Any,
+        out_dir: Path,
+        name: str,
+        options: ExportOptions | None = None,
+        *,
+        overwrite: bool = False,
+        gate_overrides: dict[str, float | None] | None = None,
+    ) -> Path:
+        """Make the bundle of preset `name`: export at its precision with its export options
+        (`options` instead, where given) and runtime options, then quantize with its method, if
+        any, from a source bundle kept beside `out_dir` until the end; returns the bundle."""
+        preset = self.preset(name)
+        options = self.export_options.coerce(preset.export_options if options is None else options)
+        made = {"runtime_options": preset.runtime_options, "preset": name}
+        if preset.method is None:
+            return self.export(
+                pipeline,
+                out_dir,
+                preset.precision,
+                options,
+                overwrite=overwrite,
+                gate_overrides=gate_overrides,
+                **made,
+            )
+        out_dir = Path(out_dir)
+        check_out(out_dir, overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(
+            prefix=f".{out_dir.name}.source-", dir=out_dir.parent
+        ) as tmp:
+            source = self.export(pipeline, Path(tmp) / "source", preset.precision, options, **made)
+            return self.quantize(
+                source,
+                out_dir,
+                preset.method,
+                overwrite=overwrite,
+                gate_overrides=gate_overrides,
+                preset=name,
+            )
+
     # -- the flow's steps ---------------------------------------------------------------------
+    def _runtime_options(
+        self, recorded: Mapping[str, Any], given: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """`given` runtime settings on top of `recorded` ones, checked against this target's
+        runtime (an unknown key or value is a user error before any work)."""
+        merged = {**recorded, **(given or {})}
+        get_runtime(self.runtime).options.from_mapping(merged)
+        return merged
+
     def _entries(
         self, staging: Path, specs: dict[str, ComponentSpec], assets: list[str]
     ) -> dict[str, ComponentEntry]:

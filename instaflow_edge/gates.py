@@ -11,6 +11,7 @@ Standard library only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,11 +37,22 @@ class GateFailed(UserError):
     """Parity missed a gate: the message names the component, the number and the threshold."""
 
 
-def gate_basis(precision: str, quantization: str | None) -> str:
-    """The bundle's kind for the default gates: quantized (a method other than fp16), fp16, fp32."""
+# a bundle whose manifest tells its runtime to compute in 16-bit floats (OpenVINO's
+# inference_precision; "default" is bf16 on CPUs that have it) is held to fp16's gates
+SIXTEEN_BIT_RUNTIME = {"inference_precision": ("f16", "bf16", "default")}
+
+
+def gate_basis(
+    precision: str, quantization: str | None, runtime_options: Mapping[str, Any] | None = None
+) -> str:
+    """The bundle's kind for the default gates: quantized (a method other than fp16), fp16 (or
+    recorded runtime options that compute in 16 bits), fp32."""
     if quantization not in (None, "fp16") or precision not in ("fp32", "fp16"):
         return "quantized"
-    return "fp16" if "fp16" in (precision, quantization) else "fp32"
+    sixteen = any(
+        (runtime_options or {}).get(key) in values for key, values in SIXTEEN_BIT_RUNTIME.items()
+    )
+    return "fp16" if sixteen or "fp16" in (precision, quantization) else "fp32"
 
 
 @dataclass
@@ -55,10 +67,15 @@ class Gates:
 
     @classmethod
     def for_bundle(
-        cls, precision: str, quantization: str | None, overrides: dict[str, float | None] | None
+        cls,
+        precision: str,
+        quantization: str | None,
+        overrides: dict[str, float | None] | None,
+        runtime_options: Mapping[str, Any] | None = None,
     ) -> Gates:
-        """The default gates for the bundle's kind, with `overrides` (None: gate off) on top."""
-        basis = gate_basis(precision, quantization)
+        """The default gates for the bundle's kind (`runtime_options`: its manifest's), with
+        `overrides` (None: gate off) on top."""
+        basis = gate_basis(precision, quantization, runtime_options)
         gates = cls(basis=basis, **DEFAULT_GATES[basis])
         for name, value in (overrides or {}).items():
             if name not in GATE_NAMES:

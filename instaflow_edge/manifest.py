@@ -19,8 +19,9 @@ from instaflow_edge.jsonio import dumps
 from instaflow_edge.recipe import PREDICTION
 
 # 2: the manifest names the runtime module that runs the bundle; 3: the UNet graph outputs
-# diffusers' flow prediction (noise - data), declared as sampling.prediction
-SCHEMA_VERSION = 3
+# diffusers' flow prediction (noise - data), declared as sampling.prediction; 4: runtime_options,
+# the settings the runtime loads the bundle with (an older reader would run it otherwise)
+SCHEMA_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 TRACKED_LIBRARIES = (
     "instaflow-edge",
@@ -82,6 +83,9 @@ class Manifest:
     components: dict[str, ComponentEntry]
     assets: dict[str, str] = field(default_factory=dict)  # tokenizer files etc.: path -> sha256
     quantization: str | None = None
+    # the runtime's settings for this bundle (e.g. OpenVINO's inference_precision from a preset):
+    # every load applies them, under the caller's own
+    runtime_options: dict[str, Any] = field(default_factory=dict)
     # what the exporter or quantizer found: parity at export, ops kept in fp32, graph optimisation
     details: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -104,6 +108,7 @@ class Manifest:
             "runtime": self.runtime,
             "precision": self.precision,
             "quantization": self.quantization,
+            "runtime_options": self.runtime_options,
             "sampling": vars(self.sampling),
             "components": {
                 name: {"file": entry.file, "files": entry.files, **entry.spec.to_dict()}
@@ -124,6 +129,7 @@ class Manifest:
             runtime=data["runtime"],
             precision=data["precision"],
             quantization=data["quantization"],
+            runtime_options=dict(data["runtime_options"]),
             sampling=SamplingRecipe(**data["sampling"]),
             components={
                 name: ComponentEntry(

@@ -73,6 +73,12 @@ class Options:
     def from_strings(cls: type[T], pairs: Iterable[str]) -> T:
         """From `KEY=VALUE` strings (the command line's --runtime-option), each converted to its
         field's type: ints, floats, booleans (true/false/1/0/yes/no), strings, `none` for None."""
+        return cls.from_mapping(cls.given_values(pairs))
+
+    @classmethod
+    def given_values(cls, pairs: Iterable[str]) -> dict[str, Any]:
+        """Only the fields `KEY=VALUE` strings give, typed and checked as `from_strings` does:
+        what a caller sets on top of other defaults (a bundle's recorded runtime options)."""
         fields = {field.name: field for field in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for pair in pairs:
@@ -86,7 +92,8 @@ class Options:
                     f"known: {', '.join(fields) or 'none'}"
                 )
             values[key] = _convert(text.strip(), _value_type(cls, fields[key]), key)
-        return cls.from_mapping(values)
+        cls.from_mapping(values)  # choices and types checked
+        return values
 
     @classmethod
     def describe(cls) -> str:
@@ -154,11 +161,16 @@ def add_option_flags(
 
 
 def options_from_args(
-    cls: type[T], args: argparse.Namespace, owner: str, all_keys: Iterable[str]
+    cls: type[T],
+    args: argparse.Namespace,
+    owner: str,
+    all_keys: Iterable[str],
+    defaults: Mapping[str, Any] | None = None,
 ) -> T:
-    """The options `cls` for `owner` from parsed flags; a given flag it does not take is refused."""
+    """The options `cls` for `owner` from parsed flags over `defaults` (a preset's); a given flag
+    it does not take is refused."""
     given = {key: getattr(args, key) for key in all_keys if hasattr(args, key)}
     foreign = sorted(set(given) - set(cls.keys()))
     if foreign:
         raise UserError(f"--{foreign[0].replace('_', '-')} does not apply to {owner}")
-    return cls.from_mapping(given)
+    return cls.from_mapping({**(defaults or {}), **given})

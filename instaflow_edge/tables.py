@@ -28,6 +28,9 @@ def parity_summary(bundle: Path) -> str:
     manifest = read_manifest(bundle)
     what = manifest.quantization or manifest.precision
     lines = [f"bundle: {bundle} ({manifest.target}, {what}, {len(manifest.components)} graphs)"]
+    if manifest.runtime_options:
+        settings = ", ".join(f"{key}={value}" for key, value in manifest.runtime_options.items())
+        lines.append(f"runtime options (recorded, applied at every load): {settings}")
     parity = manifest.details.get("parity", {})
     if "skipped" in parity:
         return "\n".join([*lines, f"parity not checked: {parity['skipped']}"])

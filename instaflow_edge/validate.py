@@ -29,7 +29,9 @@ REPORT_SCHEMA_VERSION = 1
 
 def bundle_gates(manifest: Manifest, overrides: dict[str, float | None] | None = None) -> Gates:
     """The gates for this bundle's kind, with overrides applied."""
-    return Gates.for_bundle(manifest.precision, manifest.quantization, overrides)
+    return Gates.for_bundle(
+        manifest.precision, manifest.quantization, overrides, manifest.runtime_options
+    )
 
 
 @dataclass
@@ -142,6 +144,7 @@ def bundle_info(bundle_dir: Path, manifest: Manifest) -> dict[str, Any]:
         "runtime": manifest.runtime,
         "precision": manifest.precision,
         "quantization": manifest.quantization,
+        "runtime_options": manifest.runtime_options,
         "source_model": manifest.source_model,
         "components": list(manifest.components),
         "library_versions": manifest.library_versions,

@@ -224,12 +224,16 @@ class Runtime(ABC):
         """Verify every file of the bundle against its manifest, open it on `device`, and check
         the graphs' tensors against the manifest's.
 
-        `options` is this runtime's options class, or a mapping of its fields; keyword
-        `settings` are fields too (`load(bundle, "cpu", fused=False)`).
+        `options` is this runtime's options class (taken whole), or a mapping of its fields laid
+        over the manifest's `runtime_options` (the settings the bundle was made to run with);
+        keyword `settings` are fields too, on top (`load(bundle, "cpu", fused=False)`).
         """
-        options = self.options.coerce(options, **settings)
         bundle = Path(bundle)
-        session = self.open(bundle, self.verify(bundle), device, options)
+        manifest = self.verify(bundle)
+        if not isinstance(options, RuntimeOptions):
+            options = {**manifest.runtime_options, **(options or {})}
+        options = self.options.coerce(options, **settings)
+        session = self.open(bundle, manifest, device, options)
         if isinstance(session, BundleSession):
             session.check_graphs(bundle)
         return session

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.gates import GATE_FLAGS
@@ -28,12 +29,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def runtime_options(bundle: Path, pairs: list[str]):
-    """The bundle's runtime options from --runtime-option pairs (checked before anything loads)."""
+def runtime_options(bundle: Path, pairs: list[str]) -> dict[str, Any]:
+    """The runtime settings --runtime-option pairs give, typed and checked before anything loads;
+    the bundle's own recorded settings stay beneath them."""
     from instaflow_edge.manifest import read_manifest
     from instaflow_edge.runtimes import get_runtime
 
-    return get_runtime(read_manifest(bundle).runtime).options.from_strings(pairs)
+    return get_runtime(read_manifest(bundle).runtime).options.given_values(pairs)
 
 
 def reference_device(device: str) -> str:

@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from instaflow_edge.commands.common import add_gate_arguments, gate_overrides, option_classes
+from instaflow_edge.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from instaflow_edge.export import target_names
+    from instaflow_edge.export import get_exporter, target_names
     from instaflow_edge.export.base import PRECISIONS
 
     parser = subparsers.add_parser(
@@ -38,6 +39,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, help="bundle directory (default: MODEL-TARGET-PRECISION)"
     )
+    presets = [
+        f"{target}: {name}, {preset.why}"
+        for target in option_classes("export")
+        for name, preset in get_exporter(target).presets.items()
+    ]
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a named recipe of the target: its precision, options, quantization and runtime "
+        "settings (recorded in the manifest, applied at every load); "
+        + ("; ".join(presets) or "none"),
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     add_gate_arguments(parser)
     from instaflow_edge.options import add_option_flags
@@ -53,11 +66,20 @@ def run(args: argparse.Namespace) -> int:
     from instaflow_edge.tables import parity_summary
 
     exporter = get_exporter(args.target)  # mistakes fail before the model loads
+    preset = exporter.preset(args.preset) if args.preset else None
+    if preset and args.precision:
+        raise UserError(f"--preset {args.preset} sets the precision: leave out --precision")
     keys = {key for cls in option_classes("export").values() for key in cls.keys()}
-    options = options_from_args(exporter.export_options, args, f"target {args.target}", keys)
+    options = options_from_args(
+        exporter.export_options,
+        args,
+        f"target {args.target}",
+        keys,
+        preset.export_options if preset else None,
+    )
     args.precision = args.precision or exporter.default_precision
     out = args.out = args.out or Path(
-        f"{Path(args.model or 'tiny').name}-{args.target}-{args.precision}"
+        f"{Path(args.model or 'tiny').name}-{args.target}-{args.preset or args.precision}"
     )
     check_out(out, args.overwrite)  # before the model loads
 
@@ -66,13 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     pipeline = OneStepPipeline.from_pretrained(args.model)
-    bundle = exporter.export(
-        pipeline,
-        out,
-        args.precision,
-        options,
-        overwrite=args.overwrite,
-        gate_overrides=gate_overrides(args),
-    )
+    settings = {"overwrite": args.overwrite, "gate_overrides": gate_overrides(args)}
+    if preset:
+        bundle = exporter.export_preset(pipeline, out, args.preset, options, **settings)
+    else:
+        bundle = exporter.export(pipeline, out, args.precision, options, **settings)
     print(parity_summary(bundle))
     return 0
