@@ -1,12 +1,15 @@
-"""Latency of a bundle session next to the PyTorch reference: warm-up, timed runs, p50/p90, ratios."""
+"""Latency of bundle sessions next to the PyTorch reference: warm-up, timed rounds interleaved in
+one process, p50/p90, ratios; the machine they ran on and the memory they took."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -15,6 +18,10 @@ from instaflow_edge.manifest import library_versions
 from instaflow_edge.runtimes.base import Session
 
 END_TO_END = "end_to_end"
+# CPU flags that decide which kernels the runtimes pick (vector width, int8 dot products, bf16, AMX)
+KERNEL_FLAGS = ("avx2", "fma", "avx512", "vnni", "bf16", "amx")
+
+K = TypeVar("K", bound=Hashable)
 
 
 def time_calls(call: Callable[[], object], runs: int, warmup: int) -> list[float]:
@@ -26,6 +33,22 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int) -> list[float
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def interleaved(
+    calls: Mapping[K, Callable[[], object]], runs: int, warmup: int, desc: str = "latency"
+) -> dict[K, list[float]]:
+    """Milliseconds of each call in each of `runs` rounds, after `warmup` untimed rounds. A round
+    makes every call once, in order, so every series sees the same load: on a shared machine a
+    ratio of series timed in separate blocks is noise."""
+    times: dict[K, list[float]] = {key: [] for key in calls}
+    for index in tqdm(range(warmup + runs), desc=desc, unit="round"):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if index >= warmup:
+                times[key].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -63,10 +86,11 @@ def compare_latency(
         lambda: bundle.generate(input_ids, noise),
         lambda: reference.generate(input_ids, noise),
     )
+    flat = {(name, side): pair[side] for name, pair in calls.items() for side in (0, 1)}
+    times = interleaved(flat, runs, warmup)
     rows = {}
-    for name, (bundle_call, reference_call) in tqdm(calls.items(), desc="latency", unit="part"):
-        timed_bundle = summarize(time_calls(bundle_call, runs, warmup))
-        timed_reference = summarize(time_calls(reference_call, runs, warmup))
+    for name in calls:
+        timed_bundle, timed_reference = summarize(times[name, 0]), summarize(times[name, 1])
         rows[name] = {
             "bundle": timed_bundle,
             "reference": timed_reference,
@@ -77,24 +101,71 @@ def compare_latency(
 
 
 def environment(bundle: Session, reference: Session, device: str) -> dict[str, Any]:
-    """Where the numbers were measured: device, what actually ran, threads, library versions."""
-    import torch
-
+    """Where the numbers were measured: device, what actually ran, threads, the machine."""
+    found = machine()
     return {
         "device": device,
         "runtime": bundle.settings(),
         "bundle_executed_on": bundle.executed_on,
         "reference_executed_on": reference.executed_on,
-        "threads": {
-            "cpu_count": os.cpu_count(),
-            "torch": torch.get_num_threads(),
-            "bundle": getattr(bundle, "threads", None),
-        },
+        **found,
+        "threads": {**found["threads"], "bundle": getattr(bundle, "threads", None)},
+    }
+
+
+def machine() -> dict[str, Any]:
+    """The machine: CPU model and its kernel-deciding flags (from /proc/cpuinfo on Linux), cores,
+    memory, torch's threads, OS, Python and library versions."""
+    import torch
+
+    cpu = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            cpu["model"] = value.strip()
+        elif key.strip() == "flags":
+            cpu["flags"] = sorted(f for f in value.split() if any(k in f for k in KERNEL_FLAGS))
+            break
+    return {
+        "cpu": cpu,
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "threads": {"cpu_count": os.cpu_count(), "torch": torch.get_num_threads()},
         "library_versions": library_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
     }
+
+
+@contextmanager
+def peak_memory() -> Iterator[dict[str, float | None]]:
+    """The process's peak resident memory during the block above its resident memory at the
+    start, in MiB (`peak_rss_mib`): Linux's VmHWM, reset on entry through /proc/self/clear_refs;
+    None where that is not possible."""
+    measured: dict[str, float | None] = {"peak_rss_mib": None}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        start = _status_mib("VmRSS")
+    except OSError:
+        start = None
+    yield measured
+    peak = _status_mib("VmHWM")
+    if start is not None and peak is not None:
+        measured["peak_rss_mib"] = peak - start
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**10
+    return None
 
 
 def _as_reference(value: np.ndarray) -> np.ndarray:

@@ -105,3 +105,104 @@ def latency_table(latency: dict[str, Any]) -> str:
             ]
         )
     return format_table(rows)
+
+
+PART_LABELS = {
+    "text_encoder": "TE",
+    "unet": "UNet",
+    "vae_decoder": "VAE dec",
+    "end_to_end": "end to end",
+}
+
+
+def bench_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The bench as rows (header first): per bundle and batch, each part's p50 with its speed
+    against PyTorch fp32, each part's PSNR, images/s and GFLOP/s of the last part (end to end
+    when timed), peak memory and size on disk."""
+    parts, batches = result["settings"]["parts"], result["settings"]["batches"]
+    last = parts[-1]
+    rows = [
+        [
+            "bundle",
+            "runs as",
+            "batch",
+            *(f"{PART_LABELS[p]} ms (speed)" for p in parts),
+            *(f"{PART_LABELS[p]} PSNR" for p in parts),
+            f"{PART_LABELS[last]} img/s",
+            "GFLOP/s",
+            "peak MiB",
+            "MiB",
+        ]
+    ]
+    found = {(r["bundle"], r["part"], r["batch"]): r for r in result["rows"]}
+    for entry in result["bundles"]:
+        runtime = entry["runtime"]
+        runs_as = " ".join(
+            str(runtime[key]) for key in ("executed_on", "executed_precision") if key in runtime
+        )
+        for b in batches:
+            cells = [found[entry["name"], part, b] for part in parts]
+            psnr = ["-" if c["psnr_db"] is None else number(c["psnr_db"]) for c in cells]
+            peak, size = entry["peak_rss_mib"], cells[-1]["size_mib"]
+            rows.append(
+                [
+                    entry["name"],
+                    runs_as,
+                    str(b),
+                    *(f"{c['p50_ms']:.2f} ({c['speedup_p50']:.2f}x)" for c in cells),
+                    *psnr,
+                    f"{cells[-1]['images_per_s']:.1f}",
+                    f"{cells[-1]['gflop_per_s']:.1f}",
+                    "-" if peak is None else f"{peak:.0f}",
+                    "-" if size is None else f"{size:.2f}",
+                ]
+            )
+    return rows
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    """The bench as aligned text, with the bundles that were skipped and why."""
+    lines = [format_table(bench_rows(result))]
+    lines += [f"skipped {s['bundle']}: {s['reason']}" for s in result["skipped"]]
+    return "\n".join(lines)
+
+
+def bench_markdown(result: dict[str, Any], command: str) -> str:
+    """The bench as Markdown (what the README's Performance section shows): the command that
+    made it, the machine, the table, what each column means and what was skipped."""
+    env, settings = result["environment"], result["settings"]
+    load = env["load_average_1min"]
+    versions = env["library_versions"]
+    libraries = ", ".join(
+        f"{name} {versions[name]}"
+        for name in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino")
+        if name in versions
+    )
+    rows = bench_rows(result)
+    table = [
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+        *("| " + " | ".join(row) + " |" for row in rows[1:]),
+    ]
+    lines = [
+        f"`{command}`",
+        "",
+        f"Model {result['model']['id']}; {env['cpu']['model']} ({', '.join(env['cpu']['flags'])}),"
+        f" {env['threads']['cpu_count']} cores, {env['memory_gib']:.0f} GiB; torch threads "
+        f"{env['threads']['torch']}; {libraries}; Python {env['python']}. "
+        f"{settings['runs']} timed rounds after {settings['warmup']} warm-up, every bundle and "
+        f"PyTorch fp32 once per round, interleaved; load average {load['before']:.1f} before, "
+        f"{load['after']:.1f} after (other work on the machine); {result['created'][:10]}.",
+        "",
+        *table,
+        "",
+        "ms: p50 of the call; speed: PyTorch fp32's p50 / the bundle's, same rounds (above 1x: "
+        "faster). PSNR (dB) against PyTorch fp32 on the same inputs: tensor per component, 8-bit "
+        f"image end to end. img/s and GFLOP/s ({PART_LABELS[settings['parts'][-1]]}): batch / "
+        "p50, and the reference's FLOPs (torch's flop counter) / p50. peak MiB: the process's peak "
+        "resident memory above its level before, while the bundle loaded and ran each call once. "
+        "MiB: the bundle's files on disk.",
+    ]
+    if result["skipped"]:
+        lines += ["", *(f"- skipped {s['bundle']}: {s['reason']}" for s in result["skipped"])]
+    return "\n".join(lines) + "\n"

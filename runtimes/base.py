@@ -244,6 +244,11 @@ class Runtime(ABC):
     ) -> Session:
         """Open a verified bundle on `device` with these options."""
 
+    def why_not_timed(self, device: str) -> str | None:
+        """Why this runtime's latencies on `device` would not measure that device here (bench
+        then skips its bundles, saying why), or None."""
+        return None
+
     def verify(self, bundle: Path) -> Manifest:
         manifest = verify_bundle(bundle)
         if manifest.target != self.target:

@@ -136,3 +136,11 @@ class CoreMLRuntime(Runtime):
             )
         recorded = manifest.details.get("options", {}).get("compute_units") or "ALL"
         return CoreMLSession(bundle, manifest, options, options.compute_units or recorded)
+
+    def why_not_timed(self, device: str) -> str | None:
+        if on_macos():
+            return None
+        return (
+            f"Core ML predicts only on macOS: on {platform.system()} its bundles run through the "
+            "MIL interpreter (numpy), whose latency is not a device's"
+        )
