@@ -60,12 +60,6 @@ def test_a_mistyped_local_model_path_is_not_taken_for_a_hub_id(capsys, tmp_path)
     assert_one_line(status, err, 2, "my-modle", "not found", "not a hub id")
 
 
-def test_bench_json_into_a_missing_folder_is_refused_before_the_run(capsys, onnx_bundle, tmp_path):
-    out = tmp_path / "missing" / "bench.json"
-    status, err = run(capsys, "bench", "--bundle", str(onnx_bundle), "--json", str(out))
-    assert_one_line(status, err, 2, "does not exist")
-
-
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -388,6 +382,10 @@ CASES = {
     "bundle exists": (lambda t, c: ["export", "--out", str(copy_bundle(t, c))], 2, ["already exists"]),
     "gate not a number": (lambda t, c: ["export", "--min-tensor-psnr", "lots", "--out", str(t / "b")],
                           2, ["lots"]),
+    "unknown preset": (lambda t, c: ["export", "--target", "coreml", "--preset", "fastest-cpu", "--out",
+                                     str(t / "b")], 2, ["target coreml has no preset 'fastest-cpu'"]),
+    "preset and precision": (lambda t, c: ["export", "--preset", "fastest-cpu", "--precision", "fp16",
+                                           "--out", str(t / "b")], 2, ["leave out --precision"]),
     # train
     "train without out": (lambda t, c: ["train", "vae"], 2, ["needs --out"]),
     "reflow without pairs": (lambda t, c: ["train", "reflow", "--out", str(t / "r"), "--init", "tiny"],

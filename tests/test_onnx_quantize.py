@@ -169,3 +169,11 @@ def test_cli_quantize_refuses_an_existing_out_and_a_non_bundle(onnx_bundle, tmp_
         run_cli("quantize", "--bundle", str(onnx_bundle), *args), "already exists"
     )
     assert_one_line_error(run_cli("quantize", "--bundle", str(tmp_path), *args), "no manifest.json")
+
+
+def test_the_fastest_cpu_preset_quantizes_its_export_and_keeps_no_source(pipeline, tmp_path):
+    bundle = get_exporter("onnx").export_preset(pipeline, tmp_path / "fast", "fastest-cpu")
+    manifest = verify_bundle(bundle)
+    assert (manifest.precision, manifest.quantization) == ("fp32", "int8-dynamic")
+    assert manifest.details["preset"] == "fastest-cpu" and manifest.runtime_options == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast"]  # its source export is gone

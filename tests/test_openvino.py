@@ -13,6 +13,7 @@ import pytest
 
 from instaflow_edge.calibration.builder import build_calibration
 from instaflow_edge.calibration.prompts import load_prompts
+from instaflow_edge.cli import main
 from instaflow_edge.errors import UserError
 from instaflow_edge.export import get_exporter
 from instaflow_edge.manifest import read_manifest
@@ -176,3 +177,24 @@ def test_validate_runs_openvino_in_bf16_when_asked_and_records_it(fp32_bundle, t
     assert done.returncode == (1 if runtime["executed_precision"] == "bf16" else 0), done.stdout
     bad = run_cli("validate", "--bundle", str(fp32_bundle), "--runtime-option", "precision=bf16")
     assert_one_line_error(bad, "unknown option 'precision'", "inference_precision")
+
+
+def test_the_fastest_cpu_preset_is_recorded_in_the_manifest_and_every_load_applies_it(
+    tmp_path, capsys
+):
+    bundle = tmp_path / "fast"
+    status = main(["export", "--target", "openvino", "--preset", "fastest-cpu", "-o", str(bundle)])
+    assert status == 0
+    assert "runtime options (recorded, applied at every load): inference_precision=bf16" in (
+        capsys.readouterr().out
+    )
+    manifest = read_manifest(bundle)
+    assert manifest.runtime_options == {"inference_precision": "bf16"}
+    assert (manifest.precision, manifest.quantization) == ("fp32", None)
+    assert manifest.details["preset"] == "fastest-cpu"
+    # checked as it runs, in bf16 (on CPUs without bf16 OpenVINO runs f32), by fp16's gates
+    assert manifest.details["parity"]["gates"]["basis"] == "fp16"
+    session = load_session(bundle)
+    assert session.options.inference_precision == "bf16"
+    assert session.settings()["executed_precision"] in ("bf16", "f32")
+    assert load_session(bundle, inference_precision="f32").inference_precision == "f32"

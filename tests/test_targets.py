@@ -348,3 +348,19 @@ def test_edge_runtime_runs_with_torch_blocked(bundles, unseen, target, tmp_path)
 def test_unknown_runtime_option_names_the_known_ones(bundles, target):
     with pytest.raises(UserError, match="unknown option 'warp_speed'.*known: fused"):
         load_session(bundles(target), warp_speed=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_presets_are_data_the_target_and_its_runtime_take(target):
+    from instaflow_edge.export.base import PRECISIONS
+    from instaflow_edge.runtimes import get_runtime
+
+    exporter = get_exporter(target)
+    for preset in exporter.presets.values():
+        assert preset.why and preset.precision in PRECISIONS
+        assert preset.method in (None, *exporter.methods)
+        assert preset.method not in exporter.calibrated_methods  # export takes no calibration set
+        exporter.export_options.from_mapping(preset.export_options)
+        get_runtime(exporter.runtime).options.from_mapping(preset.runtime_options)
+    with pytest.raises(UserError, match=f"target {target} has no preset 'slowest'"):
+        exporter.preset("slowest")

@@ -243,18 +243,6 @@ def test_nan_output_fails_the_finite_gate(bundle, monkeypatch):
     assert render_html(validation.report).count('class="failed"') >= 1
 
 
-def test_bench_prints_ratios_and_writes_json(bundle, tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_cli(
-        "bench", "--bundle", str(bundle), "--runs", "2", "--warmup", "1", "--json", str(out)
-    )
-    assert result.returncode == 0, result.stderr
-    for part in ("text_encoder", "unet", "vae_decoder", "end_to_end"):
-        assert re.search(rf"^{part}\s.*\d+\.\d\dx$", result.stdout, re.MULTILINE), result.stdout
-    data = json.loads(out.read_text())
-    assert len(data["latency"]["rows"]["unet"]["bundle"]["times_ms"]) == 2
-
-
 @pytest.mark.parametrize(
     ("args", "words"),
     [

@@ -1,0 +1,151 @@
+"""`instaflow-edge bench` over a model and over one bundle: what it writes and that every number
+is an honest one (finite, positive, in its place). No test asserts a speed: timings are the
+machine's."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from instaflow_edge.benchmark import CSV_FIELDS, PARTS, REFERENCE
+from instaflow_edge.cli import main
+from tests.test_bad_inputs import assert_one_line
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process: its exit status, stdout and stderr."""
+    try:
+        status = main(list(args))
+    except SystemExit as exit_:  # argparse's own usage errors
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_honest(result: dict, parts: list[str], batches: list[int]) -> None:
+    """One row per bundle, part and batch, each with positive finite timings and rates, the
+    reference's PSNR left out and every bundle's present."""
+    names = [entry["name"] for entry in result["bundles"]]
+    assert names[0] == REFERENCE
+    found = {(r["bundle"], r["part"], r["batch"]) for r in result["rows"]}
+    assert found == {(n, p, b) for n in names for p in parts for b in batches}
+    for row in result["rows"]:
+        assert len(row["times_ms"]) == result["settings"]["runs"]
+        for key in ("p50_ms", "p90_ms", "speedup_p50", "gflop", "gflop_per_s", "images_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        reference = row["bundle"] == REFERENCE
+        assert (row["psnr_db"] is None) == reference
+        assert (row["size_mib"] is None) == reference
+        if not reference:
+            assert row["size_mib"] > 0
+            assert row["psnr_db"] == "inf" or row["psnr_db"] > 20, row  # "inf": identical
+    for entry in result["bundles"]:
+        assert entry["peak_rss_mib"] is None or entry["peak_rss_mib"] >= 0
+        assert entry["runtime"]["executed_on"]
+    assert result["flops_per_sample"]["unet"] > 0
+    environment = result["environment"]
+    assert environment["cpu"]["model"] and isinstance(environment["cpu"]["flags"], list)
+    assert environment["threads"]["cpu_count"] >= 1 and environment["threads"]["torch"] >= 1
+    assert "torch" in environment["library_versions"]
+
+
+def test_bench_over_the_model_writes_json_csv_png_and_markdown(capsys, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = ["bench", "--targets", "onnx,coreml", "--precisions", "fp32", "--methods"]
+    args += ["int8-dynamic", "--presets", "none", "--batch", "1,2", "--runs", "2"]
+    args += ["--warmup", "1", "--cache", str(cache), "--out", str(out)]
+    status, printed, _ = cli(capsys, *args)
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench.csv",
+        "bench.json",
+        "bench.md",
+        "bench.png",
+    ]
+    result = json.loads((out / "bench.json").read_text())
+    assert [e["name"] for e in result["bundles"]] == [
+        REFERENCE,
+        "onnx-fp32",
+        "onnx-fp32-int8-dynamic",
+    ]
+    assert result["bundles"][2]["quantization"] == "int8-dynamic"
+    assert_honest(result, list(PARTS), [1, 2])
+    [skipped] = result["skipped"]  # Core ML predicts only on macOS: said, not timed
+    assert skipped["bundle"] == "coreml" and "macOS" in skipped["reason"]
+    assert "skipped coreml" in printed and "onnx-fp32-int8-dynamic" in printed
+    assert result["command"].startswith("instaflow-edge bench --model tiny --targets onnx,coreml")
+
+    with open(out / "bench.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == CSV_FIELDS and len(rows) == 3 * len(PARTS) * 2
+    ran = {row["executed_on"] for row in rows if row["bundle"] != REFERENCE}
+    assert ran == {"CPUExecutionProvider"}
+    image = Image.open(out / "bench.png")
+    assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 200
+    markdown = (out / "bench.md").read_text()
+    assert result["command"] in markdown and "| onnx-fp32-int8-dynamic |" in markdown
+
+    # a second bench reuses the cached bundles: nothing is exported again
+    manifests = {p: p.stat().st_mtime_ns for p in cache.rglob("manifest.json")}
+    again = ["bench", "--targets", "onnx", "--precisions", "fp32", "--methods", "none"]
+    again += ["--presets", "none", "--components", "unet", "--runs", "1", "--warmup", "0"]
+    status, printed, _ = cli(capsys, *again, "--cache", str(cache))
+    assert status == 0 and "onnx-fp32 " in printed
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("manifest.json")} == manifests
+
+
+def test_bench_of_one_bundle_times_it_beside_its_source_model(capsys, onnx_bundle, tmp_path):
+    out = tmp_path / "out"
+    args = ["bench", "--bundle", str(onnx_bundle), "--runs", "2", "--warmup", "1"]
+    status, printed, _ = cli(capsys, *args, "--out", str(out))
+    assert status == 0 and onnx_bundle.name in printed
+    result = json.loads((out / "bench.json").read_text())
+    assert [e["name"] for e in result["bundles"]] == [REFERENCE, onnx_bundle.name]
+    assert result["model"]["id"] == "embedded:tiny"
+    assert_honest(result, list(PARTS), [1])
+    status, _, _ = cli(capsys, *args, "--components", "unet", "--out", str(out), "--overwrite")
+    assert status == 0
+    assert {r["part"] for r in json.loads((out / "bench.json").read_text())["rows"]} == {"unet"}
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--targets", "tflite"], ["unknown target 'tflite'"]),
+        (["--precisions", "fp8"], ["unknown precision 'fp8'"]),
+        (["--targets", "onnx", "--methods", "int4-weights"], ["unknown method 'int4-weights'"]),
+        (["--presets", "slowest"], ["unknown preset 'slowest'"]),
+        (["--components", "unet,clip"], ["unknown component 'clip'"]),
+        (["--batch", "1,x"], ["batch sizes", "'1,x'"]),
+        (["--batch", "0"], ["batch sizes"]),
+        (["--runs", "0"], ["--runs"]),
+        (["--runtime-option", "warp=9"], ["unknown runtime option 'warp'"]),
+        (["--targets", "onnx", "--runtime-option", "openvino:threads=2"], ["not benchmarked"]),
+        (["--runtime-option", "threads=many"], ["threads expects int"]),
+        (["--reference", "tiny"], ["--reference applies to --bundle"]),
+    ],
+)
+def test_bench_mistakes_are_one_line(capsys, tmp_path, args, words):
+    status, _, err = cli(capsys, "bench", "--cache", str(tmp_path / "cache"), *args)
+    assert_one_line(status, err, 2, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_out_and_bundle_mistakes_are_one_line(capsys, onnx_bundle, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    cases = [
+        (["--out", str(tmp_path / "mine")], ["already exists", "--overwrite"]),
+        (["--out", str(tmp_path / "mine"), "--overwrite"], ["not a folder this toolkit wrote"]),
+        (["--bundle", str(onnx_bundle), "--targets", "onnx"], ["--targets applies to a bench"]),
+        (["--bundle", str(tmp_path / "none")], ["does not exist"]),
+    ]
+    for args, words in cases:
+        status, _, err = cli(capsys, "bench", *args)
+        assert_one_line(status, err, 2, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
