@@ -67,13 +67,14 @@ class Planned:
 
 @dataclass
 class Timed:
-    """A loaded session in the bench: what it is, its parity per (part, batch), its memory."""
+    """A loaded session in the bench: its name, what it is and ran with (`info`, its memory
+    too), its PSNR per (part, batch) and its size on disk per part in MiB."""
 
     name: str
     session: Session
     info: dict[str, Any]
     psnr: dict[tuple[str, int], float] = field(default_factory=dict)
-    sizes: dict[str, float | None] = field(default_factory=dict)
+    sizes: dict[str, float] = field(default_factory=dict)
 
 
 # -- what to time ---------------------------------------------------------------------------------
@@ -121,8 +122,9 @@ def plan(
             continue
         planned += [Planned(f"{target}-{p}", target, precision=p) for p in precisions]
         source = "fp32" if "fp32" in exporter.quantizes_from else exporter.quantizes_from[0]
+        wanted = methods if methods is not None else exporter.methods
         for method in exporter.methods:
-            if method in methods if methods is not None else method not in PRECISIONS:
+            if method in wanted and (methods is not None or method not in PRECISIONS):
                 name = f"{target}-{source}-{method}"
                 planned.append(Planned(name, target, method=method, source=source))
         for preset in exporter.presets:
