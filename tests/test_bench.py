@@ -149,3 +149,11 @@ def test_bench_out_and_bundle_mistakes_are_one_line(capsys, onnx_bundle, tmp_pat
         assert_one_line(status, err, 2, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_the_readmes_performance_tables_are_generated_from_the_committed_results():
+    from bench.readme_table import README, render
+
+    readme = README.read_text()
+    assert "<!-- bench:bench_tiny -->" in readme
+    assert render(readme) == readme, "run python bench/readme_table.py"
