@@ -214,7 +214,8 @@ class Exporter(ABC):
         for every later load), and commit it only if the gates pass; returns the bundle
         directory. `preset` only records the preset's name."""
         options = self.export_options.coerce(options)
-        runtime_options = self._runtime_options({}, runtime_options)
+        runtime_options = dict(runtime_options or {})
+        get_runtime(self.runtime).options.from_mapping(runtime_options)  # checked before work
         precision = precision or self.default_precision
         check_out(out_dir, overwrite)
         if precision not in PRECISIONS:
@@ -273,12 +274,11 @@ class Exporter(ABC):
         *,
         overwrite: bool = False,
         gate_overrides: dict[str, float | None] | None = None,
-        runtime_options: Mapping[str, Any] | None = None,
         preset: str | None = None,
     ) -> Path:
         """Write a quantized copy of `bundle` to `out_dir`, checked against the source bundle
         through the runtime and committed only if the gates pass; returns it. The copy keeps the
-        source's recorded runtime options, with `runtime_options` on top."""
+        source's recorded runtime options; `preset` only records the preset's name."""
         options = self.quantize_options.coerce(options)
         if method not in self.methods:
             raise UserError(
@@ -297,9 +297,8 @@ class Exporter(ABC):
                 f"{' or '.join(self.quantizes_from)} exports"
             )
         calibration_set = self._calibration(method, calibration, manifest)
-        recorded = self._runtime_options(manifest.runtime_options, runtime_options)
         precision = self.method_precisions.get(method, manifest.precision)
-        gates = Gates.for_bundle(precision, method, gate_overrides, recorded)
+        gates = Gates.for_bundle(precision, method, gate_overrides, manifest.runtime_options)
         reference = session_io(source)
         notes: dict[str, dict[str, Any]] = {}
         with staged_bundle(Path(out_dir), overwrite) as staging:
@@ -344,7 +343,6 @@ class Exporter(ABC):
                 manifest,
                 precision=precision,
                 quantization=method,
-                runtime_options=recorded,
                 components=components,
                 assets=hash_files(staging, list(manifest.assets)),
                 details=details,
@@ -398,15 +396,6 @@ class Exporter(ABC):
             )
 
     # -- the flow's steps ---------------------------------------------------------------------
-    def _runtime_options(
-        self, recorded: Mapping[str, Any], given: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
-        """`given` runtime settings on top of `recorded` ones, checked against this target's
-        runtime (an unknown key or value is a user error before any work)."""
-        merged = {**recorded, **(given or {})}
-        get_runtime(self.runtime).options.from_mapping(merged)
-        return merged
-
     def _entries(
         self, staging: Path, specs: dict[str, ComponentSpec], assets: list[str]
     ) -> dict[str, ComponentEntry]:

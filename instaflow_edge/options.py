@@ -4,7 +4,7 @@ Exporters, quantizers and runtimes each declare their options as a dataclass der
 `Options`; a field's metadata carries its help text and, where the values are a closed set, its
 choices. The CLI generates its flags from these classes (`add_option_flags`), reads them back into
 the chosen target's class (`options_from_args`), and parses `--runtime-option KEY=VALUE` with
-`Options.from_strings`: adding an option is adding one field. Standard library only.
+`Options.given_values`: adding an option is adding one field. Standard library only.
 """
 
 from __future__ import annotations
@@ -70,15 +70,10 @@ class Options:
         return cls.from_mapping({**value.to_dict(), **overrides}) if overrides else value
 
     @classmethod
-    def from_strings(cls: type[T], pairs: Iterable[str]) -> T:
-        """From `KEY=VALUE` strings (the command line's --runtime-option), each converted to its
-        field's type: ints, floats, booleans (true/false/1/0/yes/no), strings, `none` for None."""
-        return cls.from_mapping(cls.given_values(pairs))
-
-    @classmethod
     def given_values(cls, pairs: Iterable[str]) -> dict[str, Any]:
-        """Only the fields `KEY=VALUE` strings give, typed and checked as `from_strings` does:
-        what a caller sets on top of other defaults (a bundle's recorded runtime options)."""
+        """The fields `KEY=VALUE` strings give (the command line's --runtime-option), each
+        converted to its field's type: ints, floats, booleans (true/false/1/0/yes/no), strings,
+        `none` for None; checked, and only those (they go over a bundle's recorded options)."""
         fields = {field.name: field for field in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for pair in pairs:
