@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "embedded default without --model) for every target, precision, quantization method "
             "and preset asked for, exported into --cache when missing. Prints p50 and the speed "
             "against PyTorch, PSNR, images/s, GFLOP/s, peak memory and size; --out writes "
-            "bench.json, bench.csv, bench.png and bench.md."
+            "bench.json, bench.csv, bench.png and bench.md. --runtime-option [TARGET:]KEY=VALUE "
+            "sets KEY for TARGET's bundles, or for every runtime that takes KEY, over what a "
+            "bundle's manifest records."
         ),
     )
     source = parser.add_mutually_exclusive_group()
