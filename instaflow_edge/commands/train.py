@@ -36,8 +36,8 @@ CONFIG_FLAGS = {
     "threads": (int, "torch CPU threads per process (torch's default)"),
     "mixed_precision": (
         str,
-        "training stages: no, bf16 or fp16 (CUDA, with a gradient scaler): autocast, fp32 "
-        "master weights (no)",
+        "no, bf16 or fp16 (CUDA, with a gradient scaler): training stages autocast over fp32 "
+        "master weights; pairs runs the teacher so and stores fp32 pairs (no)",
     ),
 }
 

@@ -28,7 +28,7 @@ from instaflow_edge.train.data import (
     synthetic_latents,
 )
 from instaflow_edge.train.distributed import World
-from instaflow_edge.train.loop import CHECKPOINT, fit
+from instaflow_edge.train.loop import CHECKPOINT, Share, fit
 from instaflow_edge.train.pairs import load_pairs
 
 logger = logging.getLogger(__name__)
@@ -87,14 +87,14 @@ def train_vae(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: 
         reconstruction = vae.decode(posterior.mode()).sample
         return F.mse_loss(reconstruction, held_out) + config.kl_weight * posterior.kl().mean()
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
-        pixels = images_to_tensor(render_batch(rng, config.batch_size)[1]).to(pipe.device)
+    def loss_fn(batch: Share) -> torch.Tensor:
+        rng = random.Random(int(torch.randint(2**31, (1,), generator=batch.generator)))
+        images = render_batch(rng, batch.size)[1][batch.part]
+        pixels = images_to_tensor(images).to(pipe.device)
         posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator
-        ).to(pipe.device)
-        reconstruction = vae.decode(latents).sample
+        shape = (batch.size, *posterior.mean.shape[1:])
+        noise = torch.randn(shape, generator=batch.generator)[batch.part].to(pipe.device)
+        reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
         return F.mse_loss(reconstruction, pixels) + config.kl_weight * posterior.kl().mean()
 
     fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe)
@@ -120,24 +120,27 @@ def train_flow(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world:
     held_out_noise = torch.randn(held_out[0].shape, generator=_probe_generator())
 
     def probe() -> torch.Tensor:
-        return _flow_loss(pipe, held_out_noise, *held_out, _probe_generator(), False)
+        t = torch.rand(len(held_out_noise), generator=_probe_generator())
+        return _flow_loss(pipe, held_out_noise, *held_out, t, False)
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        index = _sample(generator, len(latents), config.batch_size)
-        data, ids = latents[index], input_ids[index]
-        drop = torch.rand(len(index), generator=generator) < config.caption_dropout
-        ids = torch.where(drop[:, None], empty, ids)
-        noise = torch.randn(data.shape, generator=generator)
-        return _flow_loss(pipe, noise, data, ids, generator, config.train_text_encoder)
+    def loss_fn(batch: Share) -> torch.Tensor:
+        index = _sample(batch.generator, len(latents), batch.size)
+        drop = torch.rand(batch.size, generator=batch.generator) < config.caption_dropout
+        ids = torch.where(drop[:, None], empty, input_ids[index])
+        noise = torch.randn((batch.size, *latents.shape[1:]), generator=batch.generator)
+        t = torch.rand(batch.size, generator=batch.generator)
+        mine = batch.part
+        return _flow_loss(
+            pipe, noise[mine], latents[index][mine], ids[mine], t[mine], config.train_text_encoder
+        )
 
     fit(trainable, loss_fn, config, out_dir, world, desc="flow", probe=probe)
     return finish_stage(pipe, out_dir, config, world)
 
 
-def _flow_loss(pipe, noise, data, ids, generator, grad_text: bool) -> torch.Tensor:
-    """The rectified-flow loss at t ~ U[0, 1] drawn from `generator`."""
+def _flow_loss(pipe, noise, data, ids, t, grad_text: bool) -> torch.Tensor:
+    """The rectified-flow loss between noise and data at times t in [0, 1]."""
     device = pipe.device
-    t = torch.rand(len(noise), generator=generator)
     noisy = interpolate(noise, data, t).to(device)
     with torch.set_grad_enabled(grad_text):
         states = pipe.text_encoder(ids.to(device))[0]
@@ -162,15 +165,17 @@ def train_reflow(
     """2-RF: the same objective on the teacher's (Z0, Z1) pairs, from the teacher's weights."""
     pairs, held_out = _split_pairs(pairs_dir)
 
-    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return _flow_loss(pipe, batch["z0"], batch["z1"], batch["input_ids"], generator, False)
+    def loss(batch: dict, t: torch.Tensor) -> torch.Tensor:
+        return _flow_loss(pipe, batch["z0"], batch["z1"], batch["input_ids"], t, False)
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        index = _sample(generator, len(pairs["z0"]), config.batch_size)
-        return loss({key: value[index] for key, value in pairs.items()}, generator)
+    def loss_fn(batch: Share) -> torch.Tensor:
+        index = _sample(batch.generator, len(pairs["z0"]), batch.size)
+        t = torch.rand(batch.size, generator=batch.generator)
+        mine = index[batch.part]
+        return loss({key: value[mine] for key, value in pairs.items()}, t[batch.part])
 
     def probe() -> torch.Tensor:
-        return loss(held_out, _probe_generator())
+        return loss(held_out, torch.rand(len(held_out["z0"]), generator=_probe_generator()))
 
     fit({"unet": pipe.unet}, loss_fn, config, out_dir, world, desc="reflow", probe=probe)
     return finish_stage(pipe, out_dir, config, world)
@@ -195,9 +200,9 @@ def train_distill(
         v = pipe.unet(z0, timestep, encoder_hidden_states=states).sample
         return distillation_loss(z0 + v, z1, config.distill_loss)
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        index = _sample(generator, len(pairs["z0"]), config.batch_size)
-        return loss({key: value[index] for key, value in pairs.items()})
+    def loss_fn(batch: Share) -> torch.Tensor:
+        mine = _sample(batch.generator, len(pairs["z0"]), batch.size)[batch.part]
+        return loss({key: value[mine] for key, value in pairs.items()})
 
     def probe() -> torch.Tensor:
         return loss(held_out)
