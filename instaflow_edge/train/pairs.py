@@ -33,15 +33,6 @@ def synthetic_prompts(count: int, seed: int) -> list[str]:
     return [sample_split(rng, held_out=False)[0] for _ in range(count)]
 
 
-def teacher_kind(model: str | Path) -> str:
-    """ "flow" for a rectified-flow model; a diffusers scheduler's prediction type (e.g.
-    "epsilon") when the model directory has scheduler/scheduler_config.json."""
-    config = Path(model) / "scheduler" / "scheduler_config.json"
-    if not config.is_file():
-        return "flow"
-    return json.loads(config.read_text()).get("prediction_type", "epsilon")
-
-
 def shard_name(index: int) -> str:
     return f"pairs-{index:05d}.safetensors"
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from instaflow_edge.calibration.prompts import Captions
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import (
     distillation_loss,
@@ -21,11 +22,12 @@ from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.recipe import ONE_STEP_TIMESTEP
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import (
+    captioned_batch,
     empty_prompt_ids,
     encode_images,
     images_to_tensor,
     render_batch,
-    synthetic_latents,
+    training_latents,
 )
 from instaflow_edge.train.distributed import World
 from instaflow_edge.train.loop import CHECKPOINT, Share, fit
@@ -77,8 +79,15 @@ def _held_out_images(config: TrainConfig) -> tuple[list[str], np.ndarray]:
     return render_batch(random.Random(config.seed + PROBE_SEED), PROBE_SIZE, held_out=True)
 
 
-def train_vae(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
-    """Autoencoder on rendered images (MSE + a small KL), then scaling factor = 1 / latent std."""
+def train_vae(
+    pipe: OneStepPipeline,
+    out_dir: Path,
+    config: TrainConfig,
+    world: World,
+    source: Captions | None = None,
+) -> Path:
+    """Autoencoder (MSE + a small KL) on synthetic images, or on the source's (image files, or
+    its captions rendered), then scaling factor = 1 / latent std."""
     vae = pipe.vae
     held_out = images_to_tensor(_held_out_images(config)[1]).to(pipe.device)
 
@@ -89,7 +98,7 @@ def train_vae(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: 
 
     def loss_fn(batch: Share) -> torch.Tensor:
         rng = random.Random(int(torch.randint(2**31, (1,), generator=batch.generator)))
-        images = render_batch(rng, batch.size)[1][batch.part]
+        images = captioned_batch(source, rng, batch.size, pipe.image_size)[1][batch.part]
         pixels = images_to_tensor(images).to(pipe.device)
         posterior = vae.encode(pixels).latent_dist
         shape = (batch.size, *posterior.mean.shape[1:])
@@ -99,17 +108,24 @@ def train_vae(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: 
 
     fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe)
     vae.register_to_config(scaling_factor=1.0)
-    _, images = render_batch(random.Random(config.seed + 7), 256)
+    _, images = captioned_batch(source, random.Random(config.seed + 7), 256, pipe.image_size)
     std = float(encode_images(pipe, images).std())
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     logger.info("vae: latent std %.4f, scaling factor %.5f", std, pipe.scaling_factor)
     return finish_stage(pipe, out_dir, config, world)
 
 
-def train_flow(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
-    """1-RF: rectified flow from noise to the synthetic data's latents, text-conditioned."""
-    data = synthetic_latents(
-        pipe, out_dir / "data.safetensors", config.num_images, config.seed, world
+def train_flow(
+    pipe: OneStepPipeline,
+    out_dir: Path,
+    config: TrainConfig,
+    world: World,
+    source: Captions | None = None,
+) -> Path:
+    """1-RF: rectified flow from noise to the latents of the training images (synthetic, or the
+    source's), text-conditioned."""
+    data = training_latents(
+        pipe, out_dir / "data.safetensors", config.num_images, config.seed, world, source
     )
     latents, input_ids, empty = data["latents"], data["input_ids"], empty_prompt_ids(pipe)
     trainable = {"unet": pipe.unet}
