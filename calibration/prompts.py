@@ -33,6 +33,14 @@ class Captions:
     captions: list[str]
     images: list[Path] | None = None
 
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, rows: slice) -> Captions:
+        """The records `rows` (a slice), captions and image files alike."""
+        images = self.images[rows] if self.images is not None else None
+        return Captions(self.captions[rows], images)
+
 
 def load_prompts(
     name_or_path: str | Path, limit: int | None = None, column: str | None = None
@@ -67,8 +75,7 @@ def load_captions(
         captions = Captions([line.strip() for line in text.splitlines() if line.strip()])
     if not captions.captions:
         raise UserError(f"prompts file {path} has no prompts (one per line)")
-    images = captions.images[:limit] if captions.images is not None else None
-    return Captions(captions.captions[:limit], images)
+    return captions[:limit]
 
 
 def _records(path: Path, text: str) -> list[dict]:

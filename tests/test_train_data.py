@@ -21,7 +21,13 @@ from instaflow_edge.calibration.prompts import load_captions, load_prompts
 from instaflow_edge.cli import main as cli_main
 from instaflow_edge.errors import UserError
 from instaflow_edge.pipeline import OneStepPipeline
-from instaflow_edge.train.data import encode_images, load_image, load_pipeline, to_flow
+from instaflow_edge.train.data import (
+    encode_images,
+    load_image,
+    load_pipeline,
+    teacher_kind,
+    to_flow,
+)
 from instaflow_edge.train.loop import read_loss_csv
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -49,7 +55,7 @@ def image_folder(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     rows = []
-    for index, size in enumerate([(40, 30), (64, 64), (90, 120)]):
+    for index, size in enumerate([(40, 30), (64, 64), (90, 120)] * 3):
         name = f"photo-{index}.png"
         pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / name)
@@ -76,8 +82,8 @@ def test_captions_come_from_text_json_lines_or_csv_columns(tmp_path, captions_tx
 
 def test_an_imagefolder_metadata_file_gives_captions_and_image_files(image_folder):
     captions = load_captions(image_folder / "metadata.jsonl")
-    assert captions.captions == ["photo number 0", "photo number 1", "photo number 2"]
-    assert captions.images == [image_folder / f"photo-{i}.png" for i in range(3)]
+    assert captions.captions == [f"photo number {i}" for i in range(9)]
+    assert captions.images == [image_folder / f"photo-{i}.png" for i in range(9)]
     image = load_image(captions.images[2], 32)  # 90x120: centre-cropped, then resized
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
 
@@ -124,7 +130,9 @@ def test_the_flow_stage_trains_on_image_files_named_by_a_metadata_file(tmp_path,
     args = [*FLOW, "--prompts", str(image_folder / "metadata.jsonl"), "--steps", "2"]
     assert cli_main([*args, "--out", str(out)]) == 0
     data = load_file(str(out / "data.safetensors"))
-    assert len(data["latents"]) == 3  # each file once (not --num-images renderings)
+    # each file once (not --num-images renderings), less a quarter held out for the probe
+    assert len(data["latents"]) == 7
+    assert set(json.loads((out / "held_out_loss.json").read_text())) == {"before", "after"}
     pipe = OneStepPipeline.from_pretrained(out / "model")
     # the latents are the starting VAE's encodings of the files (the flow stage does not train it)
     first = np.stack([load_image(image_folder / "photo-0.png", pipe.image_size)])
@@ -156,10 +164,12 @@ def test_an_epsilon_model_starts_a_flow_model_with_its_output_negated(tmp_path):
             flow.velocity(latents, 1000, text), -epsilon.velocity(latents, 1000, text)
         )
     out = tmp_path / "flow"
-    args = ["train", "flow", "--init", str(model), "--num-images", "8", "--steps", "1"]
+    args = ["train", "flow", "--init", str(model), "--num-images", "80", "--steps", "1"]
     assert cli_main([*args, "--batch-size", "2", "--lr", "1e-12", "--out", str(out)]) == 0
     scheduler = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "flow_prediction"
+    assert len(load_file(str(out / "data.safetensors"))["latents"]) == 2  # what 1 step can draw
+    assert (teacher_kind(model), teacher_kind(out / "model")) == ("epsilon", "flow")
     # diffusers' flow prediction is noise - data: stored, the UNet is the epsilon model's again
     before = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -133,6 +133,13 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(square.resize((size, size), Image.Resampling.BICUBIC))
 
 
+def source_images(source: Captions, rng: random.Random, size: int) -> np.ndarray:
+    """Every record's image once, in order (NHWC uint8): its file, or its caption rendered."""
+    if source.images is not None:
+        return np.stack([load_image(file, size) for file in source.images])
+    return np.stack([render(parse_caption(caption), rng) for caption in source.captions])
+
+
 def captioned_batch(
     source: Captions | None, rng: random.Random, count: int, size: int
 ) -> tuple[list[str], np.ndarray]:
@@ -182,13 +189,8 @@ def training_latents(
         for start in tqdm(range(0, total, 1024), desc="encode data", unit="chunk"):
             size = min(1024, total - start)
             if files:
-                captions = source.captions[start : start + size]
-                images = np.stack(
-                    [
-                        load_image(file, pipe.image_size)
-                        for file in source.images[start : start + size]
-                    ]
-                )
+                chunk = source[start : start + size]
+                captions, images = chunk.captions, source_images(chunk, rng, pipe.image_size)
             else:
                 captions, images = captioned_batch(source, rng, size, pipe.image_size)
             latents.append(encode_images(pipe, images))

@@ -27,6 +27,7 @@ from instaflow_edge.train.data import (
     encode_images,
     images_to_tensor,
     render_batch,
+    source_images,
     training_latents,
 )
 from instaflow_edge.train.distributed import World
@@ -74,9 +75,20 @@ def _probe_generator() -> torch.Generator:
     return torch.Generator().manual_seed(PROBE_SEED)
 
 
-def _held_out_images(config: TrainConfig) -> tuple[list[str], np.ndarray]:
-    """A fixed batch of held-out-split captions and images, never seen in training."""
-    return render_batch(random.Random(config.seed + PROBE_SEED), PROBE_SIZE, held_out=True)
+def _held_out_images(
+    config: TrainConfig, source: Captions | None, size: int
+) -> tuple[Captions | None, tuple[list[str], np.ndarray] | None]:
+    """The training source, and a fixed batch of captions and images it never sees: the synthetic
+    held-out split without a source; else the source's last records (PROBE_SIZE, at most a
+    quarter), held back from training; none for a source of under 4 records."""
+    rng = random.Random(config.seed + PROBE_SEED)
+    if source is None:
+        return None, render_batch(rng, PROBE_SIZE, held_out=True)
+    held = min(PROBE_SIZE, len(source) // 4)
+    if held == 0:
+        return source, None
+    held_out = source[len(source) - held :]
+    return source[: len(source) - held], (held_out.captions, source_images(held_out, rng, size))
 
 
 def train_vae(
@@ -89,9 +101,10 @@ def train_vae(
     """Autoencoder (MSE + a small KL) on synthetic images, or on the source's (image files, or
     its captions rendered), then scaling factor = 1 / latent std."""
     vae = pipe.vae
-    held_out = images_to_tensor(_held_out_images(config)[1]).to(pipe.device)
+    source, held_out_batch = _held_out_images(config, source, pipe.image_size)
 
     def probe() -> torch.Tensor:
+        held_out = images_to_tensor(held_out_batch[1]).to(pipe.device)
         posterior = vae.encode(held_out).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         return F.mse_loss(reconstruction, held_out) + config.kl_weight * posterior.kl().mean()
@@ -106,7 +119,8 @@ def train_vae(
         reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
         return F.mse_loss(reconstruction, pixels) + config.kl_weight * posterior.kl().mean()
 
-    fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe)
+    probe_fn = probe if held_out_batch is not None else None
+    fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe_fn)
     vae.register_to_config(scaling_factor=1.0)
     _, images = captioned_batch(source, random.Random(config.seed + 7), 256, pipe.image_size)
     std = float(encode_images(pipe, images).std())
@@ -124,20 +138,21 @@ def train_flow(
 ) -> Path:
     """1-RF: rectified flow from noise to the latents of the training images (synthetic, or the
     source's), text-conditioned."""
-    data = training_latents(
-        pipe, out_dir / "data.safetensors", config.num_images, config.seed, world, source
-    )
+    source, held_out_batch = _held_out_images(config, source, pipe.image_size)
+    # no more synthetic images than the steps can draw (a short run need not encode 20000)
+    count = min(config.num_images, config.steps * config.batch_size * world.size)
+    data = training_latents(pipe, out_dir / "data.safetensors", count, config.seed, world, source)
     latents, input_ids, empty = data["latents"], data["input_ids"], empty_prompt_ids(pipe)
     trainable = {"unet": pipe.unet}
     if config.train_text_encoder:
         trainable["text_encoder"] = pipe.text_encoder
-    captions, images = _held_out_images(config)
-    held_out = encode_images(pipe, images), pipe.tokenize(captions)
-    held_out_noise = torch.randn(held_out[0].shape, generator=_probe_generator())
 
     def probe() -> torch.Tensor:
-        t = torch.rand(len(held_out_noise), generator=_probe_generator())
-        return _flow_loss(pipe, held_out_noise, *held_out, t, False)
+        captions, images = held_out_batch
+        held_out = encode_images(pipe, images)
+        noise = torch.randn(held_out.shape, generator=_probe_generator())
+        t = torch.rand(len(noise), generator=_probe_generator())
+        return _flow_loss(pipe, noise, held_out, pipe.tokenize(captions), t, False)
 
     def loss_fn(batch: Share) -> torch.Tensor:
         index = _sample(batch.generator, len(latents), batch.size)
@@ -150,7 +165,8 @@ def train_flow(
             pipe, noise[mine], latents[index][mine], ids[mine], t[mine], config.train_text_encoder
         )
 
-    fit(trainable, loss_fn, config, out_dir, world, desc="flow", probe=probe)
+    probe_fn = probe if held_out_batch is not None else None
+    fit(trainable, loss_fn, config, out_dir, world, desc="flow", probe=probe_fn)
     return finish_stage(pipe, out_dir, config, world)
 
 
