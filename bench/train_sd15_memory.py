@@ -43,7 +43,8 @@ def one(name: str) -> dict:
     config = TrainConfig(steps=2, checkpoint_every=1000, batch_size=1, warmup=1, **SETTINGS[name])
     starts = []
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+    def loss_fn(batch) -> torch.Tensor:
+        generator = batch.generator
         starts.append(time.perf_counter())
         data = torch.randn(1, 4, 64, 64, generator=generator)
         noise = torch.randn(1, 4, 64, 64, generator=generator)

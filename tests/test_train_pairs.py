@@ -1,4 +1,5 @@
-"""Reflow pairs: 2 gloo processes match 1, a killed run resumes exactly, epsilon teachers work."""
+"""Reflow pairs and data parallelism: 2 gloo processes make the same pairs and train the same
+loss curve as 1 (DistributedDataParallel), a killed run resumes exactly, epsilon teachers work."""
 
 from __future__ import annotations
 
@@ -52,6 +53,38 @@ def test_two_gloo_processes_make_the_same_pairs_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_gloo_processes_train_the_loss_curve_of_one_with_the_global_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    from instaflow_edge.train.loop import read_loss_csv
+
+    pairs = tmp_path / "pairs"
+    made = ["--num-pairs", "12", "--shard-size", "6", "--sample-steps", "2"]
+    assert cli_main([*PAIRS, *made, "--out", str(pairs)]) == 0
+    reflow = ["train", "reflow", "--init", "initial", "--pairs", str(pairs), "--steps", "4"]
+    one = run_cli(*reflow, "--threads", "1", "--batch-size", "4", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(*reflow, "--threads", "1", "--batch-size", "2", "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    single = read_loss_csv(tmp_path / "one" / "loss.csv")
+    double = read_loss_csv(tmp_path / "two" / "loss.csv")
+    assert len(single) == 4 and len(set(single)) == 4  # four different batches
+    assert double == pytest.approx(single, rel=1e-5)
+    trained = [load_file(str(tmp_path / run / "model/unet/diffusion_pytorch_model.safetensors"))
+               for run in ("one", "two")]  # fmt: skip
+    initial = initial_pipeline(seed=0).unet.state_dict()
+    moved = 0
+    for name, weight in trained[0].items():
+        # Adam divides by sqrt(v): a near-zero gradient's float noise can move a weight by up to
+        # lr per step, so a rare element may differ by that; the rest agree to float precision
+        difference = (trained[1][name] - weight).abs()
+        assert float(difference.max()) <= 4 * 5e-4, name
+        assert float((difference > 1e-5).float().mean()) < 1e-3, name
+        moved += not torch.allclose(weight.abs(), initial[name].abs())
+    assert moved > len(trained[0]) // 2  # both trained, from the same start
+
+
+@pytest.mark.slow
 def test_a_killed_pair_run_resumes_without_lost_or_repeated_pairs(tmp_path):
     out = tmp_path / "pairs"
     sizes = ["--num-pairs", "16", "--shard-size", "2", "--sample-steps", "8"]
@@ -101,3 +134,18 @@ def test_an_epsilon_model_is_a_teacher_through_its_probability_flow_ode(tmp_path
 )
 def test_train_mistakes_are_one_line_errors(args, words):
     assert_one_line_error(run_cli(*args), *words)
+
+
+def test_pairs_with_a_bf16_teacher_are_close_to_fp32_and_stored_in_fp32(tmp_path):
+    settings = ["--num-pairs", "4", "--shard-size", "4", "--sample-steps", "3"]
+    assert cli_main([*PAIRS, *settings, "--out", str(tmp_path / "fp32")]) == 0
+    bf16 = [*PAIRS, *settings, "--mixed-precision", "bf16", "--out", str(tmp_path / "bf16")]
+    assert cli_main(bf16) == 0
+    full, half = load_pairs(tmp_path / "fp32"), load_pairs(tmp_path / "bf16")
+    assert half["z1"].dtype == torch.float32
+    assert torch.equal(full["z0"], half["z0"])
+    assert not torch.equal(full["z1"], half["z1"])  # the teacher did run in bf16
+    error = (full["z1"] - half["z1"]).pow(2).mean() / full["z1"].pow(2).mean()
+    assert float(error) < 1e-3
+    settings = json.loads((tmp_path / "bf16" / "pairs.json").read_text())
+    assert settings["mixed_precision"] == "bf16"

@@ -69,8 +69,8 @@ def _regression(seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 1)
 
-    def loss_fn(generator):
-        x = torch.randn(16, 4, generator=generator)
+    def loss_fn(batch):
+        x = torch.randn(16, 4, generator=batch.generator)
         with torch.no_grad():
             y = target(x)
         return torch.nn.functional.mse_loss(model(x), y)
@@ -93,11 +93,11 @@ def test_an_interrupted_fit_resumes_to_the_same_weights_and_losses(tmp_path, ema
     model, loss_fn, probe = _regression()
     calls = []
 
-    def interrupted(generator):
+    def interrupted(batch):
         calls.append(1)
         if len(calls) == 5:  # dies in step 5, after the checkpoint of step 3
             raise KeyboardInterrupt
-        return loss_fn(generator)
+        return loss_fn(batch)
 
     with pytest.raises(KeyboardInterrupt):
         fit({"m": model}, interrupted, config, tmp_path / "b", World(), "unit", probe)
@@ -119,9 +119,9 @@ def test_with_ema_decay_a_stage_ends_with_the_moving_average_of_its_weights(tmp_
     model, loss_fn, _ = _regression()
     before_each_step = []
 
-    def recording(generator):
+    def recording(batch):
         before_each_step.append([p.detach().clone() for p in model.parameters()])
-        return loss_fn(generator)
+        return loss_fn(batch)
 
     config = TrainConfig(steps=steps, checkpoint_every=steps, lr=0.05, warmup=1)
     fit({"m": model}, recording, config, tmp_path / "plain", World(), "unit")
@@ -154,9 +154,9 @@ def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_checkpoi
     model, loss_fn, _ = _regression()
     calls = []
 
-    def diverging(generator):
+    def diverging(batch):
         calls.append(1)
-        return loss_fn(generator) * (float("nan") if len(calls) >= 4 else 1.0)
+        return loss_fn(batch) * (float("nan") if len(calls) >= 4 else 1.0)
 
     with pytest.raises(
         NonFiniteError, match="loss .* at step 4 is not finite.*checkpoint of step 2"
@@ -174,7 +174,7 @@ def test_training_stops_when_a_step_makes_a_weight_non_finite(tmp_path):
     model = torch.nn.Linear(2, 2)
     config = TrainConfig(steps=40, checkpoint_every=1, lr=3e37, warmup=1)
 
-    def one_weight(generator):  # finite until the weight is; Adam's steps of ~lr overflow it
+    def one_weight(batch):  # finite until the weight is; Adam's steps of ~lr overflow it
         return model.weight[0, 0] * 1.0
 
     with pytest.raises(NonFiniteError, match=r"a weight at step \d+ is not finite") as stopped:
@@ -190,9 +190,9 @@ def test_bf16_mixed_precision_autocasts_and_keeps_fp32_master_weights(tmp_path):
     model, loss_fn, _ = _regression()
     seen = []
 
-    def autocast_loss(generator):
+    def autocast_loss(batch):
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        return loss_fn(generator)
+        return loss_fn(batch)
 
     losses = fit({"m": model}, autocast_loss, config, tmp_path / "bf16", World(), "unit")
     assert seen == [torch.bfloat16] * 8
@@ -215,9 +215,9 @@ def test_gradient_checkpointing_trains_the_same_weights_with_less_kept(pipeline,
         config = TrainConfig(steps=2, checkpoint_every=2, lr=1e-3, warmup=1,
                              gradient_checkpointing=checkpointing)  # fmt: skip
 
-        def loss_fn(generator):
-            latents = torch.randn(2, 4, 16, 16, generator=generator)
-            states = torch.randn(2, 32, 64, generator=generator)
+        def loss_fn(batch):
+            latents = torch.randn(2, 4, 16, 16, generator=batch.generator)
+            states = torch.randn(2, 32, 64, generator=batch.generator)
             out = unet(latents, torch.full((2,), 500.0), encoder_hidden_states=states).sample
             return out.pow(2).mean()
 

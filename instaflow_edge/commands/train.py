@@ -36,8 +36,8 @@ CONFIG_FLAGS = {
     "threads": (int, "torch CPU threads per process (torch's default)"),
     "mixed_precision": (
         str,
-        "training stages: no, bf16 or fp16 (CUDA, with a gradient scaler): autocast, fp32 "
-        "master weights (no)",
+        "no, bf16 or fp16 (CUDA, with a gradient scaler): training stages autocast over fp32 "
+        "master weights; pairs runs the teacher so and stores fp32 pairs (no)",
     ),
 }
 
@@ -80,7 +80,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--eval-steps", type=int, default=1, help="eval: sampling steps (1); > 1 adds straightness"
     )
-    parser.add_argument("--prompts", type=Path, help="pairs: prompts file (default: synthetic)")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        help="captions: text (one per line), JSON Lines or CSV (a caption/prompt/text column, "
+        "and file_name/image for image files). vae, flow: train on its images, or on its captions "
+        "of the synthetic language rendered; pairs: the teacher's prompts; reflow, distill "
+        "(instead of --pairs): pairs made from them first, in OUT/pairs; eval: the prompts "
+        "scored (default: synthetic)",
+    )
+    parser.add_argument("--prompts-column", help="the caption column of a .jsonl/.csv --prompts")
     parser.add_argument("--out", type=Path, help="output folder of the stage")
     parser.add_argument("--config", type=Path, help="JSON file of settings (flags override it)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -101,8 +110,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give one stage (vae, flow, pairs, reflow, distill, eval) or --recipe")
     if args.stage and args.out is None:
         raise UserError(f"the {args.stage} stage needs --out DIR")
-    if args.stage in ("reflow", "distill") and args.pairs is None:
-        raise UserError(f"the {args.stage} stage needs --pairs DIR (made by the pairs stage)")
+    if args.stage in ("reflow", "distill") and (args.pairs is None) == (args.prompts is None):
+        raise UserError(
+            f"the {args.stage} stage needs --pairs DIR (made by the pairs stage) or --prompts "
+            "FILE (pairs made from them first), one of the two"
+        )
+    if args.prompts_column is not None and args.prompts is None:
+        raise UserError("--prompts-column names a column of --prompts FILE: give the file too")
+    if args.recipe and args.prompts is not None:
+        raise UserError("--recipe synthetic trains on its own data: --prompts is for a stage")
     if args.stage in ("flow", "pairs", "reflow", "distill") and args.init is None:
         raise UserError(f"the {args.stage} stage needs --init MODEL (its starting weights)")
     if args.stage == "eval" and not args.model:
@@ -138,44 +154,68 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_stage(args: argparse.Namespace, config, world) -> int:
     from instaflow_edge.train import stages
-    from instaflow_edge.train.data import INITIAL, load_pipeline
+    from instaflow_edge.train.data import INITIAL, load_pipeline, to_flow, training_captions
 
     if args.stage == "eval":
         return _run_eval(args, config, world)
     init = args.init or INITIAL
     if args.stage == "pairs":
-        from instaflow_edge.commands.generate import read_prompts
-        from instaflow_edge.train.pairs import generate_pairs, synthetic_prompts, teacher_kind
-
-        if args.prompts is not None:
-            prompts = read_prompts([], args.prompts)[: config.num_pairs]
-        else:
-            prompts = synthetic_prompts(config.num_pairs, config.seed)
-        pipe = load_pipeline(init, config.seed, config.device)
-        generate_pairs(pipe, teacher_kind(init), prompts, args.out, config, world, init)
-        if world.is_main:
-            logger.info("wrote %d pairs to %s", len(prompts), args.out)
+        _make_pairs(args, config, world, args.out)
         return 0
+    source = None
+    if args.prompts is not None and args.stage in ("vae", "flow"):
+        source = training_captions(args.prompts, args.prompts_column)  # checked before any work
     if not stages.start_stage(args.out, args.resume, world):
         return 0
-    pipe = load_pipeline(init, config.seed, config.device)
-    if args.stage == "vae":
-        model = stages.train_vae(pipe, args.out, config, world)
-    elif args.stage == "flow":
-        model = stages.train_flow(pipe, args.out, config, world)
-    elif args.stage == "reflow":
-        model = stages.train_reflow(pipe, args.pairs, args.out, config, world)
+    pairs = args.pairs
+    if pairs is None and args.stage in ("reflow", "distill"):  # from --prompts
+        pairs = args.out / "pairs"
+        teacher = _make_pairs(args, config, world, pairs)
+        pipe = to_flow(teacher, init)  # the student starts from the teacher's weights
     else:
-        model = stages.train_distill(pipe, args.pairs, args.out, config, world)
+        pipe = to_flow(load_pipeline(init, config.seed, config.device), init)
+    if args.stage == "vae":
+        model = stages.train_vae(pipe, args.out, config, world, source)
+    elif args.stage == "flow":
+        model = stages.train_flow(pipe, args.out, config, world, source)
+    elif args.stage == "reflow":
+        model = stages.train_reflow(pipe, pairs, args.out, config, world)
+    else:
+        model = stages.train_distill(pipe, pairs, args.out, config, world)
     if world.is_main:
         logger.info("wrote %s (losses in %s)", model, args.out / "loss.csv")
     return 0
 
 
-def _run_eval(args: argparse.Namespace, config, world) -> int:
-    from instaflow_edge.synthetic.features import train_feature_net
-    from instaflow_edge.train.evaluate import Entry, evaluate
+def _make_pairs(args: argparse.Namespace, config, world, out: Path):
+    """Pairs from the --init teacher's ODE for --prompts (or synthetic prompts) into `out`;
+    returns the teacher."""
+    from instaflow_edge.calibration.prompts import load_prompts
+    from instaflow_edge.train.data import load_pipeline, teacher_kind
+    from instaflow_edge.train.pairs import generate_pairs, synthetic_prompts
 
+    if args.prompts is not None:
+        prompts = load_prompts(args.prompts, config.num_pairs, args.prompts_column)
+    else:
+        prompts = synthetic_prompts(config.num_pairs, config.seed)
+    pipe = load_pipeline(args.init, config.seed, config.device)
+    generate_pairs(pipe, teacher_kind(args.init), prompts, out, config, world, args.init)
+    if world.is_main:
+        logger.info("wrote %d pairs to %s", len(prompts), out)
+    return pipe
+
+
+def _run_eval(args: argparse.Namespace, config, world) -> int:
+    from instaflow_edge.calibration.prompts import load_prompts
+    from instaflow_edge.synthetic.features import train_feature_net
+    from instaflow_edge.train.data import check_synthetic
+    from instaflow_edge.train.evaluate import Entry, evaluate, held_out_prompts
+
+    if args.prompts is not None:
+        prompts = load_prompts(args.prompts, config.eval_prompts, args.prompts_column)
+        check_synthetic(args.prompts, prompts, "(eval scores images with its checker)")
+    else:
+        prompts = held_out_prompts(config.eval_prompts, config.seed)
     features = args.out / "features.safetensors"
     if world.is_main and not features.is_file():
         args.out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +224,7 @@ def _run_eval(args: argparse.Namespace, config, world) -> int:
     straight = args.eval_steps > 1
     guidance = config.guidance if straight else 0.0  # a one-step model has guidance built in
     entries = [Entry(m, m, args.eval_steps, guidance, straight) for m in args.model]
-    evaluate(entries, features, config.eval_prompts, config.seed, args.out, world)
+    evaluate(entries, features, prompts, config.seed, args.out, world)
     if world.is_main:
         print((args.out / "table.md").read_text(), end="")
     return 0

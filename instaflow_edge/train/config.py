@@ -36,7 +36,7 @@ class TrainConfig:
     distill_loss: str = "l2"  # distill stage: "l2" or "pseudo-huber" (closer to L1), in latents
     eval_prompts: int = 256  # held-out prompts scored by the eval stage
     feature_steps: int = 400  # training steps of the Fréchet feature network
-    mixed_precision: str = "no"  # training stages: "no", "bf16" or "fp16" (CUDA) autocast
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (CUDA): autocast of training and teachers
     gradient_checkpointing: bool = False  # recompute activations in the backward pass
 
     def to_json(self) -> str:

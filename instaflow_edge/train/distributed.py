@@ -1,4 +1,7 @@
-"""Multi-process training with torch.distributed: gloo on CPU, NCCL on CUDA, launched by torchrun."""
+"""Multi-process runs with torch.distributed, launched by torchrun: gloo on CPU, NCCL on CUDA.
+
+The training loop averages gradients with DistributedDataParallel (train.loop); this module holds
+the process group and the helpers every stage shares (who writes, barriers, a mean for logging)."""
 
 from __future__ import annotations
 
@@ -31,15 +34,6 @@ class World:
         value = value.detach().clone()
         dist.all_reduce(value)
         return value / self.size
-
-    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Data parallelism: every process steps with the mean gradient, so weights stay equal."""
-        if self.size == 1:
-            return
-        for parameter in parameters:
-            if parameter.grad is not None:
-                dist.all_reduce(parameter.grad)
-                parameter.grad /= self.size
 
 
 def init_world(device: str) -> World:

@@ -88,10 +88,16 @@ def generate(
 
 
 def evaluate(
-    entries: list[Entry], feature_net_path: Path, count: int, seed: int, out_dir: Path, world: World
+    entries: list[Entry],
+    feature_net_path: Path,
+    prompts: list[str],
+    seed: int,
+    out_dir: Path,
+    world: World,
 ) -> list[dict]:
-    """Score every entry on `count` held-out prompts; rank 0 writes results.json and table.md."""
-    prompts = held_out_prompts(count, seed)
+    """Score every entry on prompts of the synthetic language (`held_out_prompts` unless the
+    user gives others); rank 0 writes results.json and table.md."""
+    count = len(prompts)
     net = load_feature_net(feature_net_path)
     rng = random.Random(seed + 3)
     reference = np.stack([render(parse_caption(p), rng) for p in prompts])

@@ -1,5 +1,6 @@
-"""The training loop every stage shares: AdamW, data parallelism, an optional exponential moving
-average of the weights, loss CSV, held-out loss, resume."""
+"""The training loop every stage shares: AdamW, data parallelism through PyTorch's
+DistributedDataParallel, mixed precision, an optional exponential moving average of the weights,
+per-step metrics (CSV and TensorBoard), held-out loss, resume."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,16 +33,55 @@ EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average, one tensor 
 LOSS_CSV = "loss.csv"  # per step: loss, lr, samples/s (and GPU memory on CUDA)
 TENSORBOARD = "tensorboard"  # the same per-step metrics as TensorBoard events
 HELD_OUT = "held_out_loss.json"
-# The loss of one step; the generator is seeded by (seed, step, rank), so a resumed run sees
-# exactly the batches the interrupted one would have seen.
-LossFn = Callable[[torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One step's global batch and this process's share of it.
+
+    `generator` is seeded by (seed, step) alone, so every process draws the same global batch
+    (indices, noise, t: all `size` of them, in the same order) and keeps `part`. N processes
+    with batch B therefore train on exactly what one process with batch N*B does, and a resumed
+    run sees exactly the batches the interrupted one would have seen.
+    """
+
+    generator: torch.Generator
+    size: int  # samples in the global batch (all processes)
+    part: slice  # this process's rows of it
+
+
+# The loss of one step on this process's part of the global batch.
+LossFn = Callable[[Share], torch.Tensor]
 # The loss on one fixed held-out batch (same data, noise and t at every call): measured before
 # the first step and after the last, it says whether the stage learned, free of batch noise.
 ProbeFn = Callable[[], torch.Tensor]
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+def share(seed: int, step: int, batch_size: int, world: World) -> Share:
+    """Step `step`'s global batch (batch_size per process) and this process's part of it."""
+    generator = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009) % 2**63)
+    first = world.rank * batch_size
+    return Share(generator, batch_size * world.size, slice(first, first + batch_size))
+
+
+class _Trainee(torch.nn.ModuleDict):
+    """The trained modules as one module, so that one DistributedDataParallel instance averages
+    all their gradients: its forward runs a stage's loss function, which calls the modules."""
+
+    def forward(self, loss_fn: LossFn, batch: Share) -> torch.Tensor:
+        return loss_fn(batch)
+
+
+def _data_parallel(trainee: _Trainee, world: World, device: str) -> torch.nn.Module:
+    """PyTorch's DistributedDataParallel over the trainee when several processes run (it
+    broadcasts rank 0's weights, then all-reduces the gradients in buckets during backward);
+    the trainee itself with one process."""
+    if world.size == 1:
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel
+
+    devices = [torch.device(device)] if device.startswith("cuda") else None
+    return DistributedDataParallel(trainee, device_ids=devices)
 
 
 def moving_average(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
@@ -107,6 +148,7 @@ def fit(
     training (after: of the weights the modules end with).
     """
     parameters = [p for module in modules.values() for p in module.parameters()]
+    trainee = _Trainee(modules)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     if config.gradient_checkpointing:
         _checkpoint_activations(modules, desc)
@@ -160,14 +202,14 @@ def fit(
     )
     saved = len(history)  # the step of the checkpoint on disk (0: none)
     board = _tensorboard(out_dir / TENSORBOARD) if world.is_main else None
+    model = _data_parallel(trainee, world, config.device)  # after a resume: rank 0's weights
     for step in bar:
         started = time.perf_counter()
         lr = schedule.get_last_lr()[0]
         with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
-            loss = loss_fn(step_generator(config.seed, step, world.rank))
+            loss = model(loss_fn, share(config.seed, step, config.batch_size, world))
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss.float()).backward()
-        world.average_gradients(parameters)
+        scaler.scale(loss.float()).backward()  # DistributedDataParallel averages the gradients
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         mean_loss = float(world.mean(loss.detach().float()))  # every rank sees the same value
@@ -246,7 +288,8 @@ def _checkpoint_activations(modules: dict[str, torch.nn.Module], desc: str) -> N
         if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
             module.enable_gradient_checkpointing()
         elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
-            module.gradient_checkpointing_enable()
+            # non-reentrant, as diffusers': the reentrant kind breaks DistributedDataParallel
+            module.gradient_checkpointing_enable({"use_reentrant": False})
         else:
             logger.warning("%s: %s has no gradient checkpointing; it runs without", desc, name)
 

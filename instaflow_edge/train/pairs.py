@@ -20,6 +20,7 @@ from instaflow_edge.synthetic.captions import sample_split
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import empty_prompt_ids
 from instaflow_edge.train.distributed import World
+from instaflow_edge.train.loop import AUTOCAST
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,6 @@ def synthetic_prompts(count: int, seed: int) -> list[str]:
     """Training-split captions for pair generation (never the held-out ones)."""
     rng = random.Random(seed + 1)  # not the stream the flow's training images came from
     return [sample_split(rng, held_out=False)[0] for _ in range(count)]
-
-
-def teacher_kind(model: str | Path) -> str:
-    """ "flow" for a rectified-flow model; a diffusers scheduler's prediction type (e.g.
-    "epsilon") when the model directory has scheduler/scheduler_config.json."""
-    config = Path(model) / "scheduler" / "scheduler_config.json"
-    if not config.is_file():
-        return "flow"
-    return json.loads(config.read_text()).get("prediction_type", "epsilon")
 
 
 def shard_name(index: int) -> str:
@@ -63,7 +55,8 @@ def _probability_flow(
         if uncond is not None:
             output_uncond = pipe.velocity(model_input, t, uncond)
             output = output_uncond + config.guidance * (output - output_uncond)
-        latents = scheduler.step(output, t, latents).prev_sample
+        # fp32 output: the scheduler casts its state to the output's dtype (bf16 under autocast)
+        latents = scheduler.step(output.float(), t, latents).prev_sample
     return latents
 
 
@@ -84,6 +77,7 @@ def generate_pairs(
     """
     manifest = {
         "teacher": teacher_name,
+        "mixed_precision": config.mixed_precision,
         "teacher_kind": kind,
         "num_pairs": len(prompts),
         "shard_size": config.shard_size,
@@ -105,6 +99,8 @@ def generate_pairs(
             Path(teacher_name) / "scheduler", prediction_type=kind
         )
     use_guidance = config.guidance > 1.0
+    precision = AUTOCAST[config.mixed_precision]  # the teacher in bf16/fp16; pairs stored fp32
+    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
     uncond_ids = empty_prompt_ids(pipe)
     shards = range(world.rank, -(-len(prompts) // config.shard_size), world.size)
     todo = [k for k in shards if not (out_dir / shard_name(k)).is_file()]
@@ -118,12 +114,16 @@ def generate_pairs(
             batch = indices[start : start + batch_size]
             input_ids = pipe.tokenize([prompts[i] for i in batch])
             noise = pipe.make_noise([config.seed + i for i in batch])
-            text = pipe.encode_prompt(input_ids)
-            uncond = pipe.encode_prompt(uncond_ids.expand(len(batch), -1)) if use_guidance else None
-            if scheduler is None:
-                z1 = pipe.sample_latents(noise, text, config.sample_steps, config.guidance, uncond)
-            else:
-                z1 = _probability_flow(pipe, scheduler, noise, text, uncond, config)
+            with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+                text = pipe.encode_prompt(input_ids)
+                uncond_ids_batch = uncond_ids.expand(len(batch), -1)
+                uncond = pipe.encode_prompt(uncond_ids_batch) if use_guidance else None
+                if scheduler is None:
+                    z1 = pipe.sample_latents(
+                        noise, text, config.sample_steps, config.guidance, uncond
+                    )
+                else:
+                    z1 = _probability_flow(pipe, scheduler, noise, text, uncond, config)
             z0s.append(noise)
             z1s.append(z1.float().cpu())
             ids.append(input_ids)

@@ -14,7 +14,7 @@ from instaflow_edge.synthetic.features import train_feature_net
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import INITIAL, load_pipeline
 from instaflow_edge.train.distributed import World
-from instaflow_edge.train.evaluate import Entry, evaluate
+from instaflow_edge.train.evaluate import Entry, evaluate, held_out_prompts
 from instaflow_edge.train.pairs import generate_pairs, synthetic_prompts
 from instaflow_edge.train.stages import (
     start_stage,
@@ -140,7 +140,8 @@ def run_recipe(workdir: Path, scale: str, base: TrainConfig, resume: bool, world
         Entry("2-RF", str(models["reflow"]), teacher_steps, 0.0, straightness=True),
         Entry("VAE + untrained UNet", str(models["vae"])),
     ]
-    rows = evaluate(entries, features, eval_config.eval_prompts, base.seed, workdir / "eval", world)
+    prompts = held_out_prompts(eval_config.eval_prompts, base.seed)
+    rows = evaluate(entries, features, prompts, base.seed, workdir / "eval", world)
     timed("eval", started)
     summary = {
         "scale": scale,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from instaflow_edge.calibration.prompts import Captions
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import (
     distillation_loss,
@@ -21,14 +22,16 @@ from instaflow_edge.pipeline import OneStepPipeline
 from instaflow_edge.recipe import ONE_STEP_TIMESTEP
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import (
+    captioned_batch,
     empty_prompt_ids,
     encode_images,
     images_to_tensor,
     render_batch,
-    synthetic_latents,
+    source_images,
+    training_latents,
 )
 from instaflow_edge.train.distributed import World
-from instaflow_edge.train.loop import CHECKPOINT, fit
+from instaflow_edge.train.loop import CHECKPOINT, Share, fit
 from instaflow_edge.train.pairs import load_pairs
 
 logger = logging.getLogger(__name__)
@@ -72,72 +75,104 @@ def _probe_generator() -> torch.Generator:
     return torch.Generator().manual_seed(PROBE_SEED)
 
 
-def _held_out_images(config: TrainConfig) -> tuple[list[str], np.ndarray]:
-    """A fixed batch of held-out-split captions and images, never seen in training."""
-    return render_batch(random.Random(config.seed + PROBE_SEED), PROBE_SIZE, held_out=True)
+def _held_out_images(
+    config: TrainConfig, source: Captions | None, size: int
+) -> tuple[Captions | None, tuple[list[str], np.ndarray] | None]:
+    """The training source, and a fixed batch of captions and images it never sees: the synthetic
+    held-out split without a source; else the source's last records (PROBE_SIZE, at most a
+    quarter), held back from training; none for a source of under 4 records."""
+    rng = random.Random(config.seed + PROBE_SEED)
+    if source is None:
+        return None, render_batch(rng, PROBE_SIZE, held_out=True)
+    held = min(PROBE_SIZE, len(source) // 4)
+    if held == 0:
+        return source, None
+    held_out = source[len(source) - held :]
+    return source[: len(source) - held], (held_out.captions, source_images(held_out, rng, size))
 
 
-def train_vae(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
-    """Autoencoder on rendered images (MSE + a small KL), then scaling factor = 1 / latent std."""
+def train_vae(
+    pipe: OneStepPipeline,
+    out_dir: Path,
+    config: TrainConfig,
+    world: World,
+    source: Captions | None = None,
+) -> Path:
+    """Autoencoder (MSE + a small KL) on synthetic images, or on the source's (image files, or
+    its captions rendered), then scaling factor = 1 / latent std."""
     vae = pipe.vae
-    held_out = images_to_tensor(_held_out_images(config)[1]).to(pipe.device)
+    source, held_out_batch = _held_out_images(config, source, pipe.image_size)
 
     def probe() -> torch.Tensor:
+        held_out = images_to_tensor(held_out_batch[1]).to(pipe.device)
         posterior = vae.encode(held_out).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         return F.mse_loss(reconstruction, held_out) + config.kl_weight * posterior.kl().mean()
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
-        pixels = images_to_tensor(render_batch(rng, config.batch_size)[1]).to(pipe.device)
+    def loss_fn(batch: Share) -> torch.Tensor:
+        rng = random.Random(int(torch.randint(2**31, (1,), generator=batch.generator)))
+        images = captioned_batch(source, rng, batch.size, pipe.image_size)[1][batch.part]
+        pixels = images_to_tensor(images).to(pipe.device)
         posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator
-        ).to(pipe.device)
-        reconstruction = vae.decode(latents).sample
+        shape = (batch.size, *posterior.mean.shape[1:])
+        noise = torch.randn(shape, generator=batch.generator)[batch.part].to(pipe.device)
+        reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
         return F.mse_loss(reconstruction, pixels) + config.kl_weight * posterior.kl().mean()
 
-    fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe)
+    probe_fn = probe if held_out_batch is not None else None
+    fit({"vae": vae}, loss_fn, config, out_dir, world, desc="vae", probe=probe_fn)
     vae.register_to_config(scaling_factor=1.0)
-    _, images = render_batch(random.Random(config.seed + 7), 256)
+    _, images = captioned_batch(source, random.Random(config.seed + 7), 256, pipe.image_size)
     std = float(encode_images(pipe, images).std())
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     logger.info("vae: latent std %.4f, scaling factor %.5f", std, pipe.scaling_factor)
     return finish_stage(pipe, out_dir, config, world)
 
 
-def train_flow(pipe: OneStepPipeline, out_dir: Path, config: TrainConfig, world: World) -> Path:
-    """1-RF: rectified flow from noise to the synthetic data's latents, text-conditioned."""
-    data = synthetic_latents(
-        pipe, out_dir / "data.safetensors", config.num_images, config.seed, world
-    )
+def train_flow(
+    pipe: OneStepPipeline,
+    out_dir: Path,
+    config: TrainConfig,
+    world: World,
+    source: Captions | None = None,
+) -> Path:
+    """1-RF: rectified flow from noise to the latents of the training images (synthetic, or the
+    source's), text-conditioned."""
+    source, held_out_batch = _held_out_images(config, source, pipe.image_size)
+    # no more synthetic images than the steps can draw (a short run need not encode 20000)
+    count = min(config.num_images, config.steps * config.batch_size * world.size)
+    data = training_latents(pipe, out_dir / "data.safetensors", count, config.seed, world, source)
     latents, input_ids, empty = data["latents"], data["input_ids"], empty_prompt_ids(pipe)
     trainable = {"unet": pipe.unet}
     if config.train_text_encoder:
         trainable["text_encoder"] = pipe.text_encoder
-    captions, images = _held_out_images(config)
-    held_out = encode_images(pipe, images), pipe.tokenize(captions)
-    held_out_noise = torch.randn(held_out[0].shape, generator=_probe_generator())
 
     def probe() -> torch.Tensor:
-        return _flow_loss(pipe, held_out_noise, *held_out, _probe_generator(), False)
+        captions, images = held_out_batch
+        held_out = encode_images(pipe, images)
+        noise = torch.randn(held_out.shape, generator=_probe_generator())
+        t = torch.rand(len(noise), generator=_probe_generator())
+        return _flow_loss(pipe, noise, held_out, pipe.tokenize(captions), t, False)
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        index = _sample(generator, len(latents), config.batch_size)
-        data, ids = latents[index], input_ids[index]
-        drop = torch.rand(len(index), generator=generator) < config.caption_dropout
-        ids = torch.where(drop[:, None], empty, ids)
-        noise = torch.randn(data.shape, generator=generator)
-        return _flow_loss(pipe, noise, data, ids, generator, config.train_text_encoder)
+    def loss_fn(batch: Share) -> torch.Tensor:
+        index = _sample(batch.generator, len(latents), batch.size)
+        drop = torch.rand(batch.size, generator=batch.generator) < config.caption_dropout
+        ids = torch.where(drop[:, None], empty, input_ids[index])
+        noise = torch.randn((batch.size, *latents.shape[1:]), generator=batch.generator)
+        t = torch.rand(batch.size, generator=batch.generator)
+        mine = batch.part
+        return _flow_loss(
+            pipe, noise[mine], latents[index][mine], ids[mine], t[mine], config.train_text_encoder
+        )
 
-    fit(trainable, loss_fn, config, out_dir, world, desc="flow", probe=probe)
+    probe_fn = probe if held_out_batch is not None else None
+    fit(trainable, loss_fn, config, out_dir, world, desc="flow", probe=probe_fn)
     return finish_stage(pipe, out_dir, config, world)
 
 
-def _flow_loss(pipe, noise, data, ids, generator, grad_text: bool) -> torch.Tensor:
-    """The rectified-flow loss at t ~ U[0, 1] drawn from `generator`."""
+def _flow_loss(pipe, noise, data, ids, t, grad_text: bool) -> torch.Tensor:
+    """The rectified-flow loss between noise and data at times t in [0, 1]."""
     device = pipe.device
-    t = torch.rand(len(noise), generator=generator)
     noisy = interpolate(noise, data, t).to(device)
     with torch.set_grad_enabled(grad_text):
         states = pipe.text_encoder(ids.to(device))[0]
@@ -162,15 +197,17 @@ def train_reflow(
     """2-RF: the same objective on the teacher's (Z0, Z1) pairs, from the teacher's weights."""
     pairs, held_out = _split_pairs(pairs_dir)
 
-    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return _flow_loss(pipe, batch["z0"], batch["z1"], batch["input_ids"], generator, False)
+    def loss(batch: dict, t: torch.Tensor) -> torch.Tensor:
+        return _flow_loss(pipe, batch["z0"], batch["z1"], batch["input_ids"], t, False)
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        index = _sample(generator, len(pairs["z0"]), config.batch_size)
-        return loss({key: value[index] for key, value in pairs.items()}, generator)
+    def loss_fn(batch: Share) -> torch.Tensor:
+        index = _sample(batch.generator, len(pairs["z0"]), batch.size)
+        t = torch.rand(batch.size, generator=batch.generator)
+        mine = index[batch.part]
+        return loss({key: value[mine] for key, value in pairs.items()}, t[batch.part])
 
     def probe() -> torch.Tensor:
-        return loss(held_out, _probe_generator())
+        return loss(held_out, torch.rand(len(held_out["z0"]), generator=_probe_generator()))
 
     fit({"unet": pipe.unet}, loss_fn, config, out_dir, world, desc="reflow", probe=probe)
     return finish_stage(pipe, out_dir, config, world)
@@ -195,9 +232,9 @@ def train_distill(
         v = pipe.unet(z0, timestep, encoder_hidden_states=states).sample
         return distillation_loss(z0 + v, z1, config.distill_loss)
 
-    def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        index = _sample(generator, len(pairs["z0"]), config.batch_size)
-        return loss({key: value[index] for key, value in pairs.items()})
+    def loss_fn(batch: Share) -> torch.Tensor:
+        mine = _sample(batch.generator, len(pairs["z0"]), batch.size)[batch.part]
+        return loss({key: value[mine] for key, value in pairs.items()})
 
     def probe() -> torch.Tensor:
         return loss(held_out)
