@@ -113,7 +113,7 @@ def _load_average(average: EMAModel, path: Path, updates: int) -> None:
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
     tensors = {
-        f"{index}.{key}": value.detach().clone().reshape(value.shape)
+        f"{index}.{key}": value.detach()  # no copy: safetensors writes from the tensors
         for index, entry in state["state"].items()
         for key, value in entry.items()
     }
