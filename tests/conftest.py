@@ -11,6 +11,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A command run in-process with --threads sets torch's global thread count: restore it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def pipeline():
     from instaflow_edge.pipeline import OneStepPipeline

@@ -38,7 +38,7 @@ CAPTIONS = [
     "a yellow square left of a red circle",
     "three large blue circles",
 ]
-FLOW = ["train", "flow", "--init", "initial", "--threads", "1", "--batch-size", "4"]
+FLOW = ["train", "flow", "--init", "initial", "--batch-size", "4"]
 
 
 @pytest.fixture
