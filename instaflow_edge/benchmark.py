@@ -247,6 +247,7 @@ def open_reference(
 
 def run_bench(
     reference: Timed,
+    peers: list[Timed],
     inputs: Inputs,
     planned: list[Planned],
     skipped: list[dict[str, str]],
@@ -256,11 +257,11 @@ def run_bench(
     device: str,
 ) -> dict[str, Any]:
     """Load each planned bundle and check it against the reference on every part and batch,
-    then time them all, reference first, in interleaved rounds; returns the results."""
+    then time them all, reference and peers first, in interleaved rounds; returns the results."""
     from instaflow_edge.validate import component_feeds
 
     batches = sorted(inputs.recorded)
-    timed = [reference]
+    timed = [reference, *peers]
     for item in planned:
         try:
             timed.append(_open(item, device, inputs, parts))
@@ -271,7 +272,7 @@ def run_bench(
     for part in parts:
         for b in batches:
             for entry in timed:
-                specs = contract if entry is reference else entry.session.specs
+                specs = contract if entry.info["target"] == "torch" else entry.session.specs
                 feeds = component_feeds(specs, inputs.recorded[b])
                 calls[part, b, entry.name] = _call(
                     entry.session, part, inputs.ids[:b], inputs.noise[:b], feeds
@@ -331,22 +332,10 @@ def run_bench(
 def _open(item: Planned, device: str, inputs: Inputs, parts: list[str]) -> Timed:
     """Load a bundle and run each part once at each batch against the reference (its parity,
     and its warm-up), measuring the memory that takes."""
-    from instaflow_edge.validate import component_feeds
-
     manifest = read_manifest(item.path)
     with peak_memory() as memory:
         session = load_session(item.path, device, item.runtime_options)
-        psnr = {}
-        for b, recorded in inputs.recorded.items():
-            feeds = component_feeds(session.specs, recorded)
-            for part in parts:
-                if part == END_TO_END:
-                    images = session.generate(inputs.ids[:b], inputs.noise[:b])
-                    psnr[part, b] = image_psnr(recorded["generator"]["image"], images)
-                    continue
-                output = session.specs[part].outputs[0].name
-                got = session.run(part, feeds[part])[output]
-                psnr[part, b] = tensor_metrics(recorded[part][output], got)["psnr_db"]
+        psnr = _parity(session, session.specs, inputs, parts)
     files = {
         name: sum((item.path / f).stat().st_size for f in entry.files)
         for name, entry in manifest.components.items()
@@ -365,6 +354,46 @@ def _open(item: Planned, device: str, inputs: Inputs, parts: list[str]) -> Timed
     }
     sizes = {name: size / 2**20 for name, size in files.items()}
     return Timed(item.name, session, info, psnr, sizes)
+
+
+def _parity(
+    session: Session, specs: dict[str, Any], inputs: Inputs, parts: list[str]
+) -> dict[tuple[str, int], float]:
+    """Each part run once at each batch on the reference's inputs: its PSNR against them (and the
+    session's warm-up)."""
+    from instaflow_edge.validate import component_feeds
+
+    psnr = {}
+    for b, recorded in inputs.recorded.items():
+        feeds = component_feeds(specs, recorded)
+        for part in parts:
+            if part == END_TO_END:
+                images = session.generate(inputs.ids[:b], inputs.noise[:b])
+                psnr[part, b] = image_psnr(recorded["generator"]["image"], images)
+                continue
+            output = specs[part].outputs[0].name
+            got = session.run(part, feeds[part])[output]
+            psnr[part, b] = tensor_metrics(recorded[part][output], got)["psnr_db"]
+    return psnr
+
+
+def open_peers(
+    names: list[str], reference: Timed, model: str | None, inputs: Inputs, parts: list[str]
+) -> list[Timed]:
+    """The PyTorch peers (runtimes.torch_ref.PEERS) a user would run instead of a bundle, each
+    checked against the reference like a bundle (torch.compile compiles there)."""
+    from instaflow_edge.runtimes.torch_ref import PEERS, load_peer
+
+    contract = component_specs(reference.session.pipeline.shapes)
+    peers = []
+    for name in names:
+        with peak_memory() as memory:
+            session = load_peer(name, reference.session, model)
+            psnr = _parity(session, contract, inputs, parts)
+        info = {**reference.info, "precision": name, "peer": PEERS[name]}
+        info["peak_rss_mib"] = memory["peak_rss_mib"]
+        peers.append(Timed(name, session, info, psnr))
+    return peers
 
 
 def _call(

@@ -15,9 +15,15 @@ from instaflow_edge.runtimes.base import Runtime, RuntimeOptions, RuntimeUnavail
 class TorchSession(Session):
     runtime = "torch_ref"
 
-    def __init__(self, pipeline: OneStepPipeline, options: RuntimeOptions | None = None):
+    def __init__(
+        self,
+        pipeline: OneStepPipeline,
+        options: RuntimeOptions | None = None,
+        autocast: torch.dtype | None = None,
+    ):
         self.pipeline = pipeline
         self.options = options or RuntimeOptions()
+        self.autocast = autocast  # run under torch.autocast to this dtype (None: as loaded)
         self.executed_on = str(pipeline.device)
         self.recipe = SamplingRecipe(
             latent_shape=list(pipeline.latent_shape),
@@ -25,9 +31,17 @@ class TorchSession(Session):
             image_size=pipeline.image_size,
         )
 
+    def _autocast(self):
+        device_type = "cuda" if self.executed_on.startswith("cuda") else "cpu"
+        return torch.autocast(device_type, self.autocast, enabled=self.autocast is not None)
+
     @torch.no_grad()
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One component, or "generator" (a fused bundle's graph: token ids + noise to uint8 NHWC)."""
+        with self._autocast():
+            return self._run(component, feeds)
+
+    def _run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if component == "generator":
             noise = np.asarray(feeds["noise"], dtype=np.float32)
             return {"image": self.generate(np.asarray(feeds["input_ids"]), noise)}
@@ -54,9 +68,12 @@ class TorchSession(Session):
         return self.pipeline.tokenize(prompts).numpy()
 
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        return self.pipeline(
-            input_ids=torch.from_numpy(input_ids), noise=torch.from_numpy(noise), output_type="np"
-        )
+        with self._autocast():
+            return self.pipeline(
+                input_ids=torch.from_numpy(input_ids),
+                noise=torch.from_numpy(noise),
+                output_type="np",
+            )
 
 
 class TorchRuntime(Runtime):
@@ -83,3 +100,23 @@ def load_reference(model: str | None = None, device: str = "cpu") -> TorchSessio
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeUnavailable("CUDA was asked for the PyTorch reference but is not available")
     return TorchSession(OneStepPipeline.from_pretrained(model, device=device))
+
+
+# What a PyTorch user would run instead of a bundle, timed beside the bundles by `bench`
+PEERS = {
+    "pytorch-bf16": "the reference under torch.autocast to bfloat16 (its weights shared)",
+    "torch-compile": "a second copy of the model, its UNet and VAE decoder compiled by "
+    "torch.compile (inductor, default mode)",
+}
+
+
+def load_peer(name: str, reference: TorchSession, model: str | None) -> TorchSession:
+    """The session of a PEERS entry, beside `reference` (the fp32 reference of `model`)."""
+    if name == "pytorch-bf16":
+        return TorchSession(reference.pipeline, autocast=torch.bfloat16)
+    if name == "torch-compile":
+        pipeline = OneStepPipeline.from_pretrained(model, device=reference.executed_on)
+        pipeline.unet.compile()  # in place: this copy only
+        pipeline.vae.decoder.compile()
+        return TorchSession(pipeline)
+    raise KeyError(f"unknown peer {name!r}")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from instaflow_edge.benchmark import CSV_FIELDS, PARTS, REFERENCE
 from instaflow_edge.cli import main
+from instaflow_edge.runtimes.torch_ref import PEERS
 from tests.test_bad_inputs import assert_one_line
 
 
@@ -37,11 +38,11 @@ def assert_honest(result: dict, parts: list[str], batches: list[int]) -> None:
         assert len(row["times_ms"]) == result["settings"]["runs"]
         for key in ("p50_ms", "p90_ms", "speedup_p50", "gflop", "gflop_per_s", "images_per_s"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
-        reference = row["bundle"] == REFERENCE
+        reference, peer = row["bundle"] == REFERENCE, row["bundle"] in PEERS
         assert (row["psnr_db"] is None) == reference
-        assert (row["size_mib"] is None) == reference
+        assert (row["size_mib"] is None) == (reference or peer)  # peers have no files
         if not reference:
-            assert row["size_mib"] > 0
+            assert peer or row["size_mib"] > 0
             assert row["psnr_db"] == "inf" or row["psnr_db"] > 20, row  # "inf": identical
     for entry in result["bundles"]:
         assert entry["peak_rss_mib"] is None or entry["peak_rss_mib"] >= 0
@@ -157,3 +158,19 @@ def test_the_readmes_performance_tables_are_generated_from_the_committed_results
     readme = README.read_text()
     assert "<!-- bench:bench_tiny -->" in readme
     assert render(readme) == readme, "run python bench/readme_table.py"
+
+
+def test_pytorch_peers_are_timed_beside_the_bundles(capsys, tmp_path):
+    args = ["bench", "--targets", "onnx", "--precisions", "fp32", "--methods", "none"]
+    args += ["--presets", "none", "--peers", "pytorch-bf16", "--components", "unet,end_to_end"]
+    args += ["--runs", "2", "--warmup", "1", "--cache", str(tmp_path / "cache")]
+    status, printed, _ = cli(capsys, *args, "--out", str(tmp_path / "out"))
+    assert status == 0
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [e["name"] for e in result["bundles"]] == [REFERENCE, "pytorch-bf16", "onnx-fp32"]
+    assert_honest(result, ["unet", "end_to_end"], [1])
+    [unet] = [r for r in result["rows"] if r["bundle"] == "pytorch-bf16" and r["part"] == "unet"]
+    assert 30 < unet["psnr_db"] < 100  # it did run in bf16: close to fp32, not equal
+    assert "--peers pytorch-bf16" in result["command"] and "pytorch-bf16" in printed
+    status, _, error = cli(capsys, "bench", "--peers", "onnxruntime")
+    assert status == 2 and "unknown peer 'onnxruntime'" in error

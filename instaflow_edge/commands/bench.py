@@ -61,6 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--presets", type=_names, help=f"export presets ({lists}; 'none'; default: the targets')"
     )
     parser.add_argument(
+        "--peers",
+        type=_peers,
+        default=[],
+        help="PyTorch peers timed beside the bundles, comma-separated: pytorch-bf16 (autocast), "
+        "torch-compile (inductor; compiles for minutes on a large model) (default: none)",
+    )
+    parser.add_argument(
         "--cache",
         type=Path,
         help="where the model's bundles are exported and kept (default: "
@@ -91,6 +98,18 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected names separated by commas, not {text!r}")
     return [] if names == ["none"] else names
+
+
+def _peers(text: str) -> list[str]:
+    from instaflow_edge.runtimes.torch_ref import PEERS
+
+    peers = _names(text)
+    unknown = [peer for peer in peers if peer not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}"
+        )
+    return peers
 
 
 def _batches(text: str) -> list[int]:
@@ -167,14 +186,25 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle is None:
         cache = args.cache or default_cache()
         planned = benchmark.make_bundles(reference.session.pipeline, planned, cache, skipped)
+    peers = benchmark.open_peers(args.peers, reference, model, inputs, args.components)
     result = benchmark.run_bench(
-        reference, inputs, planned, skipped, args.components, args.runs, args.warmup, args.device
+        reference,
+        peers,
+        inputs,
+        planned,
+        skipped,
+        args.components,
+        args.runs,
+        args.warmup,
+        args.device,
     )
     print(bench_table(result))
     if args.out is not None:
         benchmark.write_results(args.out, result, command(args, targets), args.overwrite)
         logger.info("wrote %s (bench.json, bench.csv, bench.png, bench.md)", args.out)
-    return 0 if len(result["bundles"]) > 1 else 3  # 3: nothing could be timed here, as validate
+    return (
+        0 if len(result["bundles"]) > 1 + len(peers) else 3
+    )  # 3: nothing could be timed here, as validate
 
 
 def split_runtime_options(pairs: list[str], targets: list[str]) -> dict[str, dict[str, Any]]:
@@ -224,6 +254,8 @@ def command(args: argparse.Namespace, targets: list[str]) -> str:
             value = getattr(args, flag)
             if value is not None:
                 words += [f"--{flag}", ",".join(value) or "none"]
+    if args.peers:
+        words += ["--peers", ",".join(args.peers)]
     words += ["--batch", ",".join(map(str, args.batch))]
     words += ["--components", ",".join(args.components)]
     words += ["--runs", str(args.runs), "--warmup", str(args.warmup)]
