@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from instaflow_edge.atomic import atomic_directory, check_replaceable
+from instaflow_edge.atomic import atomic_directory, check_replaceable, scratch_directory
 from instaflow_edge.components import COMPONENTS, RECIPE, ComponentSpec, component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.gates import GateFailed, Gates, failure_line, failures_of
@@ -381,11 +380,8 @@ class Exporter(ABC):
             )
         out_dir = Path(out_dir)
         check_out(out_dir, overwrite)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(
-            prefix=f".{out_dir.name}.source-", dir=out_dir.parent
-        ) as tmp:
-            source = self.export(pipeline, Path(tmp) / "source", preset.precision, options, **made)
+        with scratch_directory(out_dir, "source") as scratch:
+            source = self.export(pipeline, scratch / "source", preset.precision, options, **made)
             return self.quantize(
                 source,
                 out_dir,

@@ -95,12 +95,29 @@ def _replace(staging: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def scratch_directory(final: Path, what: str) -> Iterator[Path]:
+    """A folder beside `final` for intermediate work (`what` names it), removed at the end. It is
+    named as a staging folder, so a killed run's is refused by every reader and removed by the
+    next write of `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL}{what}-", dir=final.parent))
+    STAGING.add(scratch.resolve())
+    try:
+        yield scratch
+    finally:
+        STAGING.discard(scratch.resolve())
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _remove_stale_staging(final: Path) -> None:
+    """Remove the staging folders an interrupted run left beside `final` (not this process's)."""
     stale = [
         path
         for pattern in (f".{final.name}{PARTIAL}*", f".{final.name}{OLD}*")
         for path in final.parent.glob(pattern)
-        if path.is_dir() and not path.is_symlink()
+        if path.is_dir() and not path.is_symlink() and path.resolve() not in STAGING
     ]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from instaflow_edge.atomic import unfinished
 from instaflow_edge.calibration.builder import build_calibration
 from instaflow_edge.components import ComponentSpec, TensorSpec
 from instaflow_edge.export import get_exporter
@@ -172,6 +173,11 @@ def test_cli_quantize_refuses_an_existing_out_and_a_non_bundle(onnx_bundle, tmp_
 
 
 def test_the_fastest_cpu_preset_quantizes_its_export_and_keeps_no_source(pipeline, tmp_path):
+    # a killed preset run's source export: refused by readers, removed by the next run
+    killed = tmp_path / ".fast.partial-source-x1y2"
+    (killed / "source").mkdir(parents=True)
+    (killed / "source" / "manifest.json").write_text("{}")
+    assert unfinished(killed)
     bundle = get_exporter("onnx").export_preset(pipeline, tmp_path / "fast", "fastest-cpu")
     manifest = verify_bundle(bundle)
     assert (manifest.precision, manifest.quantization) == ("fp32", "int8-dynamic")
