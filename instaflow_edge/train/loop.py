@@ -29,6 +29,18 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device_type(config: TrainConfig) -> str:
+    return "cuda" if config.device.startswith("cuda") else "cpu"
+
+
+def autocast(config: TrainConfig) -> torch.autocast:
+    """config.mixed_precision as torch.autocast (off for "no"); weights stay as they are."""
+    precision = AUTOCAST[config.mixed_precision]
+    return torch.autocast(_device_type(config), dtype=precision, enabled=precision is not None)
+
+
 EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average, one tensor per parameter
 LOSS_CSV = "loss.csv"  # per step: loss, lr, samples/s (and GPU memory on CUDA)
 TENSORBOARD = "tensorboard"  # the same per-step metrics as TensorBoard events
@@ -152,9 +164,9 @@ def fit(
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     if config.gradient_checkpointing:
         _checkpoint_activations(modules, desc)
-    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
-    precision = AUTOCAST[config.mixed_precision]  # the weights and optimizer stay fp32
-    scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
+    on_cuda = _device_type(config) == "cuda"
+    # autocast over fp32 weights and optimizer state; fp16 also scales the loss
+    scaler = torch.amp.GradScaler(_device_type(config), enabled=config.mixed_precision == "fp16")
     warmup = max(1, min(config.warmup, config.steps // 10))
 
     def factor(step: int) -> float:  # linear warm-up, then linear decay to a tenth
@@ -206,7 +218,7 @@ def fit(
     for step in bar:
         started = time.perf_counter()
         lr = schedule.get_last_lr()[0]
-        with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+        with autocast(config):
             loss = model(loss_fn, share(config.seed, step, config.batch_size, world))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss.float()).backward()  # DistributedDataParallel averages the gradients
@@ -232,7 +244,7 @@ def fit(
             "lr": lr,
             "samples_per_s": config.batch_size * world.size / (time.perf_counter() - started),
         }
-        if device_type == "cuda":
+        if on_cuda:
             row["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         history.append(row)
         if board is not None:

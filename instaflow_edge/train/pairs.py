@@ -20,7 +20,7 @@ from instaflow_edge.synthetic.captions import sample_split
 from instaflow_edge.train.config import TrainConfig
 from instaflow_edge.train.data import empty_prompt_ids
 from instaflow_edge.train.distributed import World
-from instaflow_edge.train.loop import AUTOCAST
+from instaflow_edge.train.loop import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ def generate_pairs(
             Path(teacher_name) / "scheduler", prediction_type=kind
         )
     use_guidance = config.guidance > 1.0
-    precision = AUTOCAST[config.mixed_precision]  # the teacher in bf16/fp16; pairs stored fp32
-    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
     uncond_ids = empty_prompt_ids(pipe)
     shards = range(world.rank, -(-len(prompts) // config.shard_size), world.size)
     todo = [k for k in shards if not (out_dir / shard_name(k)).is_file()]
@@ -114,7 +112,7 @@ def generate_pairs(
             batch = indices[start : start + batch_size]
             input_ids = pipe.tokenize([prompts[i] for i in batch])
             noise = pipe.make_noise([config.seed + i for i in batch])
-            with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+            with autocast(config):  # the teacher in bf16/fp16; the pairs are stored in fp32
                 text = pipe.encode_prompt(input_ids)
                 uncond_ids_batch = uncond_ids.expand(len(batch), -1)
                 uncond = pipe.encode_prompt(uncond_ids_batch) if use_guidance else None

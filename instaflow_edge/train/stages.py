@@ -75,7 +75,7 @@ def _probe_generator() -> torch.Generator:
     return torch.Generator().manual_seed(PROBE_SEED)
 
 
-def _held_out_images(
+def _hold_out(
     config: TrainConfig, source: Captions | None, size: int
 ) -> tuple[Captions | None, tuple[list[str], np.ndarray] | None]:
     """The training source, and a fixed batch of captions and images it never sees: the synthetic
@@ -101,10 +101,12 @@ def train_vae(
     """Autoencoder (MSE + a small KL) on synthetic images, or on the source's (image files, or
     its captions rendered), then scaling factor = 1 / latent std."""
     vae = pipe.vae
-    source, held_out_batch = _held_out_images(config, source, pipe.image_size)
+    source, held_out_batch = _hold_out(config, source, pipe.image_size)
+
+    if held_out_batch is not None:
+        held_out = images_to_tensor(held_out_batch[1]).to(pipe.device)
 
     def probe() -> torch.Tensor:
-        held_out = images_to_tensor(held_out_batch[1]).to(pipe.device)
         posterior = vae.encode(held_out).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         return F.mse_loss(reconstruction, held_out) + config.kl_weight * posterior.kl().mean()
@@ -138,7 +140,7 @@ def train_flow(
 ) -> Path:
     """1-RF: rectified flow from noise to the latents of the training images (synthetic, or the
     source's), text-conditioned."""
-    source, held_out_batch = _held_out_images(config, source, pipe.image_size)
+    source, held_out_batch = _hold_out(config, source, pipe.image_size)
     # no more synthetic images than the steps can draw (a short run need not encode 20000)
     count = min(config.num_images, config.steps * config.batch_size * world.size)
     data = training_latents(pipe, out_dir / "data.safetensors", count, config.seed, world, source)
@@ -147,12 +149,13 @@ def train_flow(
     if config.train_text_encoder:
         trainable["text_encoder"] = pipe.text_encoder
 
+    if held_out_batch is not None:  # latents once: the VAE does not change in this stage
+        held_out = encode_images(pipe, held_out_batch[1]), pipe.tokenize(held_out_batch[0])
+        held_out_noise = torch.randn(held_out[0].shape, generator=_probe_generator())
+
     def probe() -> torch.Tensor:
-        captions, images = held_out_batch
-        held_out = encode_images(pipe, images)
-        noise = torch.randn(held_out.shape, generator=_probe_generator())
-        t = torch.rand(len(noise), generator=_probe_generator())
-        return _flow_loss(pipe, noise, held_out, pipe.tokenize(captions), t, False)
+        t = torch.rand(len(held_out_noise), generator=_probe_generator())
+        return _flow_loss(pipe, held_out_noise, *held_out, t, False)
 
     def loss_fn(batch: Share) -> torch.Tensor:
         index = _sample(batch.generator, len(latents), batch.size)
