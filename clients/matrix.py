@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENT_VENVS = Path(os.environ.get("INSTAFLOW_CLIENT_VENVS", ROOT / ".client-venvs"))
 PROMPT = "a red circle above a blue square"
 CLIENT_CLASSES = {
     "optimum-onnx": ("optimum-onnx", "ORTDiffusionPipeline"),
@@ -33,7 +32,7 @@ CLIENT_CLASSES = {
 
 @dataclass(frozen=True)
 class Row:
-    client: str  # a venv under CLIENT_VENVS, or "diffusers" (ours)
+    client: str  # a venv under client_peers.client_venvs(), or "diffusers" (ours)
     target: str | None  # None: a model folder (save_pretrained), not a bundle
     method: str | None = None  # a quantization method, or "fp16" export precision
 
@@ -56,10 +55,9 @@ ROWS = [
 
 def client_python(client: str) -> Path | None:
     """The client venv's python (ours for diffusers), or None where it is not built."""
-    if client == "diffusers":
-        return Path(sys.executable)
-    python = CLIENT_VENVS / client / "bin" / "python"
-    return python if python.is_file() else None
+    from instaflow_edge.client_peers import client_python as venv_python
+
+    return Path(sys.executable) if client == "diffusers" else venv_python(client)
 
 
 def client_version(client: str) -> str:

@@ -188,19 +188,24 @@ def _cached(bundle: Path, fingerprint: str, runtime_options: Any = None) -> bool
 
 
 def _calibration_set(pipeline: Any, path: Path) -> Path:
-    """The cache's calibration set (made once): the synthetic prompts for the embedded default,
-    the general set for SD-class models."""
+    """The cache's calibration set (made once) from `_calibration_prompts`."""
     from instaflow_edge.calibration import load_calibration
     from instaflow_edge.calibration.builder import build_calibration
-    from instaflow_edge.calibration.prompts import load_prompts
 
     try:
         load_calibration(path)
         return path
     except UserError:
-        prompts = "synthetic" if pipeline.source.startswith("embedded:") else "general"
-        limited = load_prompts(prompts, CALIBRATION_PROMPTS)
-        return build_calibration(pipeline, limited, path, overwrite=path.exists())
+        prompts = _calibration_prompts(pipeline)
+        return build_calibration(pipeline, prompts, path, overwrite=path.exists())
+
+
+def _calibration_prompts(pipeline: Any) -> list[str]:
+    """The synthetic prompts for the embedded default, the general set for SD-class models."""
+    from instaflow_edge.calibration.prompts import load_prompts
+
+    name = "synthetic" if pipeline.source.startswith("embedded:") else "general"
+    return load_prompts(name, CALIBRATION_PROMPTS)
 
 
 # -- timing -----------------------------------------------------------------------------------------
@@ -272,7 +277,7 @@ def run_bench(
     for part in parts:
         for b in batches:
             for entry in timed:
-                specs = contract if entry.info["target"] == "torch" else entry.session.specs
+                specs = getattr(entry.session, "specs", contract)  # a bundle's, or the model's
                 feeds = component_feeds(specs, inputs.recorded[b])
                 calls[part, b, entry.name] = _call(
                     entry.session, part, inputs.ids[:b], inputs.noise[:b], feeds
@@ -378,15 +383,43 @@ def _parity(
 
 
 def open_peers(
-    names: list[str], reference: Timed, model: str | None, inputs: Inputs, parts: list[str]
+    names: list[str],
+    reference: Timed,
+    model: str | None,
+    inputs: Inputs,
+    parts: list[str],
+    cache: Path,
 ) -> list[Timed]:
-    """The PyTorch peers (runtimes.torch_ref.PEERS) a user would run instead of a bundle, each
-    checked against the reference like a bundle (torch.compile compiles there)."""
+    """What a user would run instead of a bundle, each checked against the reference like a
+    bundle: the PyTorch peers (runtimes.torch_ref.PEERS; torch.compile compiles there) and the
+    clients' own exports (client_peers.CLIENT_PEERS, made into `cache` once, each run by a
+    worker in its client's venv)."""
+    from instaflow_edge.client_peers import CLIENT_PEERS, export_sizes, open_client_peer
     from instaflow_edge.runtimes.torch_ref import PEERS, load_peer
 
     contract = component_specs(reference.session.pipeline.shapes)
+    pipeline = reference.session.pipeline
+    folder = Path(cache) / pipeline.fingerprint()[:16]
     peers = []
     for name in names:
+        if name in CLIENT_PEERS:
+            session = open_client_peer(
+                name, reference.session, folder, _calibration_prompts(pipeline)
+            )
+            session.tokenize(inputs.prompts)  # the prompts behind the bench's token ids
+            psnr = _parity(session, contract, inputs, parts)
+            info = {
+                **reference.info,
+                "target": CLIENT_PEERS[name].client,
+                "precision": name,
+                "path": str(folder / f"peer-{name}"),
+                "runtime": session.settings(),
+                "threads": session.ready.get("threads"),
+                "peer": CLIENT_PEERS[name].description,
+                "peak_rss_mib": session.peak_rss_mib(),
+            }
+            peers.append(Timed(name, session, info, psnr, export_sizes(folder, name)))
+            continue
         with peak_memory() as memory:
             session = load_peer(name, reference.session, model)
             psnr = _parity(session, contract, inputs, parts)
@@ -404,7 +437,7 @@ def _call(
     feeds: dict[str, dict[str, np.ndarray]],
 ) -> Callable[[], object]:
     if part == END_TO_END:
-        return lambda: session.generate(ids, noise)
+        return session.prepare_generate(ids, noise)
     return session.prepare(part, feeds[part])
 
 

@@ -102,6 +102,28 @@ def speaks_flow_prediction(model_folder: Path) -> bool:
     return isinstance(config, dict) and config.get("prediction_type") == PREDICTION
 
 
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def prefix_text_encoder_weights(folder: Path) -> None:
+    """Give a saved CLIPTextModel's weights the `text_model.` prefix of every SD-1.5 checkpoint,
+    in place (safetensors files and their index). transformers 5.24 saves them without it and
+    reads either; transformers 4.57 and 5.5 (optimum-onnx's and optimum-intel's venvs) read only
+    the prefixed names and would leave the whole encoder randomly initialized, silently."""
+    from safetensors.torch import load_file, save_file
+
+    def prefixed(name: str) -> str:
+        return name if name.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + name
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        weights = load_file(path)
+        save_file({prefixed(name): w for name, w in weights.items()}, path, {"format": "pt"})
+    for index in Path(folder).glob("*.safetensors.index.json"):
+        data = json.loads(index.read_text())
+        data["weight_map"] = {prefixed(k): v for k, v in data["weight_map"].items()}
+        _write_json(index, data)
+
+
 def flip_prediction(unet: Any) -> None:
     """Negate the UNet's output exactly by negating its last convolution, in place: InstaFlow's
     velocity to diffusers' flow prediction, or back."""

@@ -148,18 +148,19 @@ def peak_memory() -> Iterator[dict[str, float | None]]:
     measured: dict[str, float | None] = {"peak_rss_mib": None}
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        start = _status_mib("VmRSS")
+        start = status_mib("VmRSS")
     except OSError:
         start = None
     yield measured
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     if start is not None and peak is not None:
         measured["peak_rss_mib"] = peak - start
 
 
-def _status_mib(field: str) -> float | None:
+def status_mib(field: str, process: int | str = "self") -> float | None:
+    """A memory field of /proc/PROCESS/status in MiB (None where there is none)."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        lines = Path(f"/proc/{process}/status").read_text().splitlines()
     except OSError:
         return None
     for line in lines:

@@ -13,7 +13,11 @@ from PIL import Image
 
 from instaflow_edge.atomic import atomic_directory
 from instaflow_edge.components import ModelShapes
-from instaflow_edge.diffusers_format import flip_prediction, write_pipeline_files
+from instaflow_edge.diffusers_format import (
+    flip_prediction,
+    prefix_text_encoder_weights,
+    write_pipeline_files,
+)
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import euler_times, unet_timestep
 from instaflow_edge.models import LoadedModel, load_model
@@ -62,6 +66,7 @@ class OneStepPipeline:
         with atomic_directory(directory, overwrite, "model_index.json") as staging:
             for name in ("text_encoder", "vae"):
                 getattr(self, name).save_pretrained(staging / name, safe_serialization=True)
+            prefix_text_encoder_weights(staging / "text_encoder")  # what every client reads
             flip_prediction(self.unet)
             try:
                 self.unet.save_pretrained(staging / "unet", safe_serialization=True)

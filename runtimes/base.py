@@ -96,6 +96,10 @@ class Session(ABC):
         its device overrides this so that the call excludes host copies."""
         return lambda: self.run(component, feeds)
 
+    def prepare_generate(self, input_ids: np.ndarray, noise: np.ndarray) -> Callable[[], object]:
+        """A call that generates from these inputs, for timing (`prepare`'s, end to end)."""
+        return lambda: self.generate(input_ids, noise)
+
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """The one-step recipe from components: uint8 NHWC images from token ids and noise;
         NaN or Inf in the noise or the decoded image is a NonFiniteError."""

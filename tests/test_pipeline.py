@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 
 from instaflow_edge.errors import UserError
@@ -106,6 +107,9 @@ def test_save_and_reload_gives_the_same_images(pipeline, tmp_path):
         "config.json",
         "diffusion_pytorch_model.safetensors",
     ]
+    # the names every SD-1.5 checkpoint uses, which the clients' older transformers need
+    weights = safetensors.safe_open(saved / "text_encoder" / "model.safetensors", "pt")
+    assert all(name.startswith("text_model.") for name in weights.keys())
     reloaded = OneStepPipeline.from_pretrained(saved)
     ids = pipeline.tokenize("a red circle")
     torch.testing.assert_close(

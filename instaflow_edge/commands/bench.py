@@ -15,7 +15,7 @@ from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MODEL_FLAGS = ("targets", "precisions", "methods", "presets", "cache")  # not with --bundle
+MODEL_FLAGS = ("targets", "precisions", "methods", "presets")  # not with --bundle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,13 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--peers",
         type=_peers,
         default=[],
-        help="PyTorch peers timed beside the bundles, comma-separated: pytorch-bf16 (autocast), "
-        "torch-compile (inductor; compiles for minutes on a large model) (default: none)",
+        help="what a user would run instead, timed beside the bundles, comma-separated: "
+        "pytorch-bf16 (autocast), torch-compile (inductor; compiles for minutes on a large "
+        "model), optimum-onnx, optimum-intel, optimum-intel-hybrid (the client's own export of "
+        "the model, made into --cache once, run in the client's venv from clients/build_venvs.sh "
+        "or $INSTAFLOW_CLIENT_VENVS) (default: none)",
     )
     parser.add_argument(
         "--cache",
         type=Path,
-        help="where the model's bundles are exported and kept (default: "
+        help="where the model's bundles and the clients' exports (--peers) are made and kept "
+        "(default: "
         "$XDG_CACHE_HOME/instaflow-edge/bench, else ~/.cache/instaflow-edge/bench)",
     )
     add_runtime_arguments(parser)
@@ -101,13 +105,15 @@ def _names(text: str) -> list[str]:
 
 
 def _peers(text: str) -> list[str]:
+    from instaflow_edge.client_peers import CLIENT_PEERS
     from instaflow_edge.runtimes.torch_ref import PEERS
 
     peers = _names(text)
-    unknown = [peer for peer in peers if peer not in PEERS]
+    known = [*PEERS, *CLIENT_PEERS]
+    unknown = [peer for peer in peers if peer not in known]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}"
+            f"unknown peer {unknown[0]!r}; choose from {', '.join(known)}"
         )
     return peers
 
@@ -183,21 +189,25 @@ def run(args: argparse.Namespace) -> int:
     reference, inputs = benchmark.open_reference(
         model, reference_device(args.device), args.batch, args.prompt
     )
+    cache = args.cache or default_cache()
     if args.bundle is None:
-        cache = args.cache or default_cache()
         planned = benchmark.make_bundles(reference.session.pipeline, planned, cache, skipped)
-    peers = benchmark.open_peers(args.peers, reference, model, inputs, args.components)
-    result = benchmark.run_bench(
-        reference,
-        peers,
-        inputs,
-        planned,
-        skipped,
-        args.components,
-        args.runs,
-        args.warmup,
-        args.device,
-    )
+    peers = benchmark.open_peers(args.peers, reference, model, inputs, args.components, cache)
+    try:
+        result = benchmark.run_bench(
+            reference,
+            peers,
+            inputs,
+            planned,
+            skipped,
+            args.components,
+            args.runs,
+            args.warmup,
+            args.device,
+        )
+    finally:
+        for peer in peers:
+            getattr(peer.session, "close", lambda: None)()  # a client's worker process
     print(bench_table(result))
     if args.out is not None:
         benchmark.write_results(args.out, result, command(args, targets), args.overwrite)
