@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -212,3 +213,23 @@ def test_the_clients_own_exports_are_timed_beside_the_bundles(capsys, tmp_path):
         assert info[peer]["runtime"]["client_version"] and info[peer]["peak_rss_mib"] > 0
         assert info[peer]["runtime"]["export_seconds"] > 0  # made by the client in this run
     assert info["optimum-intel"]["runtime"]["inference_precision"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: no compiler here")
+def test_the_torch_compile_peer_runs_the_compiled_model(capsys, tmp_path):
+    args = ["bench", "--targets", "onnx", "--precisions", "fp32", "--methods", "none"]
+    args += ["--presets", "none", "--peers", "torch-compile", "--components", "unet,vae_decoder"]
+    args += ["--runs", "2", "--warmup", "1", "--cache", str(tmp_path / "cache")]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    status, _, _ = cli(capsys, *args, "--out", str(tmp_path / "out"))
+    assert status == 0
+    assert counters["stats"]["unique_graphs"] >= 2  # inductor did compile the UNet and decoder
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [e["name"] for e in result["bundles"]] == [REFERENCE, "torch-compile", "onnx-fp32"]
+    assert_honest(result, ["unet", "vae_decoder"], [1])
+    for row in result["rows"]:
+        if row["bundle"] == "torch-compile":  # the same fp32 math, fused by inductor
+            assert row["psnr_db"] == "inf" or row["psnr_db"] > 60, row
