@@ -11,6 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from instaflow_edge.errors import UserError
 
@@ -123,6 +124,12 @@ def _from_records(path: Path, rows: list[dict], column: str | None) -> Captions:
                 raise UserError(f"{path} row {number} has no {image_column!r} file name")
             images.append(path.parent / image)
     return Captions(captions, images if image_column is not None else None)
+
+
+def model_prompt_set(pipeline: Any) -> str:
+    """The prompt set a model is calibrated on by default: the synthetic language for the
+    embedded default (the only one it was trained on), the general set for SD-class models."""
+    return "synthetic" if pipeline.source.startswith("embedded:") else "general"
 
 
 def synthetic_prompts(count: int = SYNTHETIC_COUNT, seed: int = SYNTHETIC_SEED) -> list[str]:

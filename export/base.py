@@ -68,14 +68,17 @@ class QuantizeOptions(Options):
 @dataclass(frozen=True)
 class Preset:
     """A recipe a user picks by name (`export --preset NAME`): the precision, export options,
-    quantization method (one that needs no calibration set) and runtime settings a target's
-    bundle is made with. The runtime settings go into the manifest, so every load runs it so."""
+    quantization method and runtime settings a target's bundle is made with. The runtime settings
+    go into the manifest, so every load runs it so."""
 
     why: str  # what was measured, shown in --help and recorded
     precision: str = "fp32"
     export_options: Mapping[str, Any] = field(default_factory=dict)
     method: str | None = None
     runtime_options: Mapping[str, Any] = field(default_factory=dict)
+    # a calibrated method's calibration set, when none is given: this many prompts of the model's
+    # own prompt set (calibration.prompts.model_prompt_set), recorded at t=1000 by the preset
+    calibration_prompts: int = 0
 
 
 @dataclass
@@ -361,13 +364,18 @@ class Exporter(ABC):
         *,
         overwrite: bool = False,
         gate_overrides: dict[str, float | None] | None = None,
+        calibration: Path | None = None,
     ) -> Path:
         """Make the bundle of preset `name`: export at its precision with its export options
         (`options` instead, where given) and runtime options, then quantize with its method, if
-        any, from a source bundle kept beside `out_dir` until the end; returns the bundle."""
+        any, from a source bundle kept beside `out_dir` until the end; returns the bundle. A
+        calibrated method reads `calibration`, else a set the preset records from the model's
+        own prompts beside the source."""
         preset = self.preset(name)
         options = self.export_options.coerce(preset.export_options if options is None else options)
         made = {"runtime_options": preset.runtime_options, "preset": name}
+        if calibration is not None and preset.method not in self.calibrated_methods:
+            raise UserError(f"preset {name} is not calibrated: leave out --calibration")
         if preset.method is None:
             return self.export(
                 pipeline,
@@ -381,11 +389,18 @@ class Exporter(ABC):
         out_dir = Path(out_dir)
         check_out(out_dir, overwrite)
         with scratch_directory(out_dir, "source") as scratch:
+            if preset.method in self.calibrated_methods and calibration is None:
+                from instaflow_edge.calibration.builder import build_calibration
+                from instaflow_edge.calibration.prompts import load_prompts, model_prompt_set
+
+                prompts = load_prompts(model_prompt_set(pipeline), preset.calibration_prompts)
+                calibration = build_calibration(pipeline, prompts, scratch / "calibration")
             source = self.export(pipeline, scratch / "source", preset.precision, options, **made)
             return self.quantize(
                 source,
                 out_dir,
                 preset.method,
+                calibration,
                 overwrite=overwrite,
                 gate_overrides=gate_overrides,
                 preset=name,

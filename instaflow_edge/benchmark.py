@@ -201,11 +201,10 @@ def _calibration_set(pipeline: Any, path: Path) -> Path:
 
 
 def _calibration_prompts(pipeline: Any) -> list[str]:
-    """The synthetic prompts for the embedded default, the general set for SD-class models."""
-    from instaflow_edge.calibration.prompts import load_prompts
+    """The first prompts of the model's own prompt set."""
+    from instaflow_edge.calibration.prompts import load_prompts, model_prompt_set
 
-    name = "synthetic" if pipeline.source.startswith("embedded:") else "general"
-    return load_prompts(name, CALIBRATION_PROMPTS)
+    return load_prompts(model_prompt_set(pipeline), CALIBRATION_PROMPTS)
 
 
 # -- timing -----------------------------------------------------------------------------------------

@@ -386,6 +386,12 @@ CASES = {
                                      str(t / "b")], 2, ["target coreml has no preset 'fastest-cpu'"]),
     "preset and precision": (lambda t, c: ["export", "--preset", "fastest-cpu", "--precision", "fp16",
                                            "--out", str(t / "b")], 2, ["leave out --precision"]),
+    "calibration, uncalibrated preset": (lambda t, c: ["export", "--target", "openvino", "--preset",
+                                                       "fastest-cpu", "--calibration", str(t), "--out",
+                                                       str(t / "b")], 2, ["fastest-cpu-int8"]),
+    "calibration set missing": (lambda t, c: ["export", "--target", "openvino", "--preset",
+                                              "fastest-cpu-int8", "--calibration", str(t / "none"),
+                                              "--out", str(t / "b")], 2, ["calibration"]),
     # train
     "train without out": (lambda t, c: ["train", "vae"], 2, ["needs --out"]),
     "reflow without pairs": (lambda t, c: ["train", "reflow", "--out", str(t / "r"), "--init", "tiny"],

@@ -51,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "settings (recorded in the manifest, applied at every load); "
         + ("; ".join(presets) or "none"),
     )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="with a calibrated --preset: the calibration set its quantization reads (default: "
+        "the preset records its own from the model's prompt set)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     add_gate_arguments(parser)
     from instaflow_edge.options import add_option_flags
@@ -69,6 +75,16 @@ def run(args: argparse.Namespace) -> int:
     preset = exporter.preset(args.preset) if args.preset else None
     if preset and args.precision:
         raise UserError(f"--preset {args.preset} sets the precision: leave out --precision")
+    if args.calibration is not None:
+        if not preset or preset.method not in exporter.calibrated_methods:
+            calibrated = [n for n, p in exporter.presets.items() if p.calibration_prompts]
+            raise UserError(
+                "--calibration goes with a calibrated --preset (of "
+                f"{args.target}: {', '.join(calibrated) or 'none'})"
+            )
+        from instaflow_edge.calibration import load_calibration
+
+        load_calibration(args.calibration)  # a missing or broken set fails before the model loads
     keys = {key for cls in option_classes("export").values() for key in cls.keys()}
     options = options_from_args(
         exporter.export_options,
@@ -90,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     pipeline = OneStepPipeline.from_pretrained(args.model)
     settings = {"overwrite": args.overwrite, "gate_overrides": gate_overrides(args)}
     if preset:
-        bundle = exporter.export_preset(pipeline, out, args.preset, options, **settings)
+        bundle = exporter.export_preset(
+            pipeline, out, args.preset, options, calibration=args.calibration, **settings
+        )
     else:
         bundle = exporter.export(pipeline, out, args.precision, options, **settings)
     print(parity_summary(bundle))
