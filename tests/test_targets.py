@@ -359,7 +359,8 @@ def test_presets_are_data_the_target_and_its_runtime_take(target):
     for preset in exporter.presets.values():
         assert preset.why and preset.precision in PRECISIONS
         assert preset.method in (None, *exporter.methods)
-        assert preset.method not in exporter.calibrated_methods  # export takes no calibration set
+        # a calibrated method's preset says how many prompts it records its calibration set from
+        assert (preset.method in exporter.calibrated_methods) == (preset.calibration_prompts > 0)
         exporter.export_options.from_mapping(preset.export_options)
         get_runtime(exporter.runtime).options.from_mapping(preset.runtime_options)
     with pytest.raises(UserError, match=f"target {target} has no preset 'slowest'"):
