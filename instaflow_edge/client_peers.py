@@ -92,7 +92,7 @@ class ClientPeerSession(Session):
     ):
         self.runtime = name
         self.process, self.ready, self.log = process, ready, log
-        self.executed_on = ready["runtime"]
+        self.executed_on = ready["executed_on"]
         self.options = RuntimeOptions(fused=False)
         self.recipe = reference.recipe
         self._prompts: dict[bytes, str] = {}
@@ -101,8 +101,7 @@ class ClientPeerSession(Session):
         self._tokenizer = reference.tokenize
 
     def settings(self) -> dict[str, object]:
-        info = {k: v for k, v in self.ready.items() if k not in ("ready", "baseline_rss_mib")}
-        return {**info, "executed_on": self.executed_on}
+        return {k: v for k, v in self.ready.items() if k not in ("ready", "baseline_rss_mib")}
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """The reference's token ids (the same tokenizer files the client reads), remembered so

@@ -90,18 +90,23 @@ def runtime_info(client: str, pipe: Any) -> dict[str, Any]:
     if client == "optimum-onnx":
         import onnxruntime
 
+        providers = pipe.unet.session.get_providers()
         return {
             "runtime": "onnxruntime",
             "runtime_version": onnxruntime.__version__,
-            "providers": pipe.unet.session.get_providers(),
+            "executed_on": providers[0],
+            "providers": providers,
         }
     import openvino
 
     compiled = pipe.unet.request  # optimum-intel keeps the CompiledModel there
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # e.g. bf16
+    devices = ",".join(compiled.get_property("EXECUTION_DEVICES"))
     return {
         "runtime": "openvino",
         "runtime_version": openvino.__version__,
-        "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+        "executed_on": f"{devices} {precision}",  # as our OpenVINO sessions say it
+        "inference_precision": precision,
         "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
     }
 
