@@ -79,6 +79,18 @@ def client_python(venv: str) -> Path | None:
     return python if python.is_file() else None
 
 
+def peer_python(name: str) -> Path:
+    """The python of a client peer's venv; a one-line error where it is not built."""
+    venv = CLIENT_PEERS[name].venv
+    python = client_python(venv)
+    if python is None:
+        raise RuntimeUnavailable(
+            f"peer {name} needs the {venv} venv in {client_venvs()} (build it with "
+            "clients/build_venvs.sh, or set INSTAFLOW_CLIENT_VENVS)"
+        )
+    return python
+
+
 class ClientPeerSession(Session):
     """A client's pipeline in its worker process: components and generation on our inputs."""
 
@@ -197,12 +209,7 @@ def open_client_peer(
     as a diffusers folder in `folder` (the bench's cache for these weights), the client's export
     made there once; returns it loaded."""
     peer = CLIENT_PEERS[name]
-    python = client_python(peer.venv)
-    if python is None:
-        raise RuntimeUnavailable(
-            f"peer {name} needs the {peer.venv} venv in {client_venvs()} (build it with "
-            "clients/build_venvs.sh, or set INSTAFLOW_CLIENT_VENVS)"
-        )
+    python = peer_python(name)
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model"
     if not (model / "model_index.json").is_file():

@@ -180,6 +180,14 @@ def test_pytorch_peers_are_timed_beside_the_bundles(capsys, tmp_path):
     assert status == 2 and "unknown peer 'onnxruntime'" in error
 
 
+def test_a_client_peer_without_its_venv_is_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTAFLOW_CLIENT_VENVS", str(tmp_path / "venvs"))
+    cache = tmp_path / "cache"
+    status, _, error = cli(capsys, "bench", "--peers", "optimum-intel", "--cache", str(cache))
+    assert_one_line(status, error, 2, "peer optimum-intel needs the optimum-intel venv")
+    assert not cache.exists()  # nothing was made
+
+
 @pytest.mark.slow
 def test_the_clients_own_exports_are_timed_beside_the_bundles(capsys, tmp_path):
     venvs = {peer.venv for peer in CLIENT_PEERS.values()}

@@ -185,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
     for item in planned:
         item.runtime_options = options.get(item.target, {})
 
+    from instaflow_edge.client_peers import CLIENT_PEERS, peer_python
+
+    for peer in args.peers:
+        if peer in CLIENT_PEERS:
+            peer_python(peer)  # before any work: its venv is there
     quiet_libraries()
     reference, inputs = benchmark.open_reference(
         model, reference_device(args.device), args.batch, args.prompt
