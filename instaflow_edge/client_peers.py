@@ -29,16 +29,13 @@ logger = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("client_worker.py")
 COMPLETE = ".complete"  # client_worker.py writes it last into a finished export
 ROOT = Path(__file__).resolve().parent.parent  # the repository, for an editable install
-HYBRID_SAMPLES = (
-    64  # UNet calls optimum-intel's hybrid quantization calibrates on (its default: 200)
-)
+HYBRID_SAMPLES = 64  # UNet calls optimum-intel's hybrid mode calibrates on (its default: 200)
 COMPONENT_FOLDERS = ("text_encoder", "unet", "vae_decoder")  # the clients' layout
 
 
 @dataclass(frozen=True)
 class ClientPeer:
-    venv: str  # under client_venvs()
-    client: str  # client_worker.py's CLIENT
+    client: str  # client_worker.py's CLIENT, and its venv's name under client_venvs()
     hybrid: bool  # optimum-intel's hybrid quantization
     description: str
 
@@ -46,13 +43,11 @@ class ClientPeer:
 CLIENT_PEERS = {
     "optimum-onnx": ClientPeer(
         "optimum-onnx",
-        "optimum-onnx",
         False,
         "optimum-onnx's own export (main_export, task text-to-image) run by its "
         "ORTDiffusionPipeline (ONNX Runtime CPU at its defaults)",
     ),
     "optimum-intel": ClientPeer(
-        "optimum-intel",
         "optimum-intel",
         False,
         "optimum-intel's own export (OVDiffusionPipeline, export=True) at its defaults "
@@ -60,11 +55,10 @@ CLIENT_PEERS = {
     ),
     "optimum-intel-hybrid": ClientPeer(
         "optimum-intel",
-        "optimum-intel",
         True,
         "optimum-intel's export with its hybrid quantization (int8 weights in MatMuls, int8 "
         f"activations elsewhere in the UNet), calibrated on {HYBRID_SAMPLES} UNet calls of its "
-        "pipeline over our calibration prompts, at OpenVINO's defaults",
+        "pipeline at one step over our calibration prompts, run at OpenVINO's defaults",
     ),
 }
 
@@ -81,7 +75,7 @@ def client_python(venv: str) -> Path | None:
 
 def peer_python(name: str) -> Path:
     """The python of a client peer's venv; a one-line error where it is not built."""
-    venv = CLIENT_PEERS[name].venv
+    venv = CLIENT_PEERS[name].client
     python = client_python(venv)
     if python is None:
         raise RuntimeUnavailable(
@@ -209,7 +203,7 @@ def open_client_peer(
     as a diffusers folder in `folder` (the bench's cache for these weights), the client's export
     made there once; returns it loaded."""
     peer = CLIENT_PEERS[name]
-    python = peer_python(name)
+    python = peer_python(name)  # the client's venv
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model"
     if not (model / "model_index.json").is_file():

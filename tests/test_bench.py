@@ -190,7 +190,7 @@ def test_a_client_peer_without_its_venv_is_one_line_before_any_work(capsys, tmp_
 
 @pytest.mark.slow
 def test_the_clients_own_exports_are_timed_beside_the_bundles(capsys, tmp_path):
-    venvs = {peer.venv for peer in CLIENT_PEERS.values()}
+    venvs = {peer.client for peer in CLIENT_PEERS.values()}
     missing = sorted(venv for venv in venvs if client_python(venv) is None)
     if missing:
         message = f"no {missing[0]} venv: build it with clients/build_venvs.sh (make clients)"
