@@ -393,7 +393,7 @@ def open_peers(
     bundle: the PyTorch peers (runtimes.torch_ref.PEERS; torch.compile compiles there) and the
     clients' own exports (client_peers.CLIENT_PEERS, made into `cache` once, each run by a
     worker in its client's venv)."""
-    from instaflow_edge.client_peers import CLIENT_PEERS, export_sizes, open_client_peer
+    from instaflow_edge.client_peers import CLIENT_PEERS, open_client_peer
     from instaflow_edge.runtimes.torch_ref import PEERS, load_peer
 
     contract = component_specs(reference.session.pipeline.shapes)
@@ -411,13 +411,13 @@ def open_peers(
                 **reference.info,
                 "target": CLIENT_PEERS[name].client,
                 "precision": name,
-                "path": str(folder / f"peer-{name}"),
+                "path": str(session.export),
                 "runtime": session.settings(),
                 "threads": session.ready.get("threads"),
                 "peer": CLIENT_PEERS[name].description,
                 "peak_rss_mib": session.peak_rss_mib(),
             }
-            peers.append(Timed(name, session, info, psnr, export_sizes(folder, name)))
+            peers.append(Timed(name, session, info, psnr, session.sizes()))
             continue
         with peak_memory() as memory:
             session = load_peer(name, reference.session, model)

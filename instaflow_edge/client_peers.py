@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from instaflow_edge.components import RECIPE, component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.latency import END_TO_END
 from instaflow_edge.runtimes.base import RuntimeOptions, RuntimeUnavailable, Session
@@ -30,7 +31,6 @@ WORKER = Path(__file__).with_name("client_worker.py")
 COMPLETE = ".complete"  # client_worker.py writes it last into a finished export
 ROOT = Path(__file__).resolve().parent.parent  # the repository, for an editable install
 HYBRID_SAMPLES = 64  # UNet calls optimum-intel's hybrid mode calibrates on (its default: 200)
-COMPONENT_FOLDERS = ("text_encoder", "unet", "vae_decoder")  # the clients' layout
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,13 @@ class ClientPeerSession(Session):
         process: subprocess.Popen,
         ready: dict[str, Any],
         log: Path,
-        reference: Session,
+        reference: Any,
+        export: Path,
     ):
         self.runtime = name
-        self.process, self.ready, self.log = process, ready, log
+        self.process, self.ready, self.log, self.export = process, ready, log, export
+        contract = component_specs(reference.pipeline.shapes)
+        self._output_names = {part: contract[part].outputs[0].name for part in RECIPE}
         self.executed_on = ready["executed_on"]
         self.options = RuntimeOptions(fused=False)
         self.recipe = reference.recipe
@@ -118,10 +121,7 @@ class ClientPeerSession(Session):
         return ids
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        output = {"text_encoder": "last_hidden_state", "unet": "out_sample"}.get(
-            component, "sample"
-        )
-        return {output: self._output(self._feed(component, feeds))}
+        return {self._output_names[component]: self._output(self._feed(component, feeds))}
 
     def prepare(self, component: str, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
         key = self._feed(component, feeds)
@@ -173,6 +173,16 @@ class ClientPeerSession(Session):
         peak = status_mib("VmHWM", self.process.pid)
         baseline = self.ready.get("baseline_rss_mib")
         return None if peak is None or baseline is None else peak - baseline
+
+    def sizes(self) -> dict[str, float]:
+        """MiB on disk of each component of the client's export (its folders are named as our
+        components), and of the three (end to end)."""
+        sizes = {
+            part: sum(f.stat().st_size for f in (self.export / part).rglob("*") if f.is_file())
+            / 2**20
+            for part in RECIPE
+        }
+        return {**sizes, END_TO_END: sum(sizes.values())}
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -235,14 +245,4 @@ def open_client_peer(
             env=env,
         )
     ready = {**_reply(process, name, log), "export_seconds": made}  # None: made before
-    return ClientPeerSession(name, process, ready, log, reference)
-
-
-def export_sizes(folder: Path, name: str) -> dict[str, float]:
-    """MiB on disk of each component of a peer's export, and of the three (end to end)."""
-    export = folder / f"peer-{name}"
-    sizes = {
-        part: sum(f.stat().st_size for f in (export / part).rglob("*") if f.is_file()) / 2**20
-        for part in COMPONENT_FOLDERS
-    }
-    return {**sizes, END_TO_END: sum(sizes.values())}
+    return ClientPeerSession(name, process, ready, log, reference, export)
