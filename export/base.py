@@ -35,6 +35,7 @@ from instaflow_edge.manifest import (
     hash_files,
     write_manifest,
 )
+from instaflow_edge.memory import return_freed_memory
 from instaflow_edge.metrics import image_metrics, tensor_metrics
 from instaflow_edge.options import Options, option
 from instaflow_edge.recipe import require_finite, with_generator
@@ -210,11 +211,14 @@ class Exporter(ABC):
         gate_overrides: dict[str, float | None] | None = None,
         runtime_options: Mapping[str, Any] | None = None,
         preset: str | None = None,
+        release_model: bool = False,
     ) -> Path:
         """Export every component (at `precision`, by default the target's), check the bundle
         against PyTorch through its runtime (with `runtime_options`, which the manifest records
         for every later load), and commit it only if the gates pass; returns the bundle
-        directory. `preset` only records the preset's name."""
+        directory. `preset` only records the preset's name. `release_model` frees the model's
+        weights before the check (which needs only PyTorch's outputs, computed first), for a
+        caller done with it: the check's runtime then does not sit beside a second copy."""
         options = self.export_options.coerce(options)
         runtime_options = dict(runtime_options or {})
         get_runtime(self.runtime).options.from_mapping(runtime_options)  # checked before work
@@ -244,6 +248,7 @@ class Exporter(ABC):
                     model = self.convert(job)
                     self.save(model, path, job)
                     del model, job  # the job holds the module: free both before the next
+                return_freed_memory()
             assets = copy_tokenizer(pipeline, staging)
             assets += self.write_assets(staging, pipeline, specs, options)
             manifest = Manifest(
@@ -263,6 +268,8 @@ class Exporter(ABC):
                 },
             )
             write_manifest(staging, manifest)
+            if release_model:
+                pipeline.release_weights()
             self._check(staging, manifest, reference, "PyTorch", gates, device)
         return Path(out_dir)
 
@@ -289,7 +296,7 @@ class Exporter(ABC):
             )
         check_out(out_dir, overwrite)
         bundle = Path(bundle)
-        source = get_runtime(self.runtime).load(bundle, "cpu", fused=False)
+        source = load_for_check(self.runtime, bundle, "cpu")
         manifest = source.manifest
         if manifest.quantization is not None:
             raise UserError(f"bundle {bundle} is already quantized ({manifest.quantization})")
@@ -302,6 +309,8 @@ class Exporter(ABC):
         precision = self.method_precisions.get(method, manifest.precision)
         gates = Gates.for_bundle(precision, method, gate_overrides, manifest.runtime_options)
         reference = session_io(source)
+        del source  # a bundle's worth of memory, not needed beside the quantizer
+        return_freed_memory()
         notes: dict[str, dict[str, Any]] = {}
         with staged_bundle(Path(out_dir), overwrite) as staging:
             copy_assets(bundle, staging, manifest)
@@ -365,15 +374,20 @@ class Exporter(ABC):
         overwrite: bool = False,
         gate_overrides: dict[str, float | None] | None = None,
         calibration: Path | None = None,
+        release_model: bool = False,
     ) -> Path:
         """Make the bundle of preset `name`: export at its precision with its export options
         (`options` instead, where given) and runtime options, then quantize with its method, if
         any, from a source bundle kept beside `out_dir` until the end; returns the bundle. A
         calibrated method reads `calibration`, else a set the preset records from the model's
-        own prompts beside the source."""
+        own prompts beside the source. `release_model` as in `export`."""
         preset = self.preset(name)
         options = self.export_options.coerce(preset.export_options if options is None else options)
-        made = {"runtime_options": preset.runtime_options, "preset": name}
+        made = {
+            "runtime_options": preset.runtime_options,
+            "preset": name,
+            "release_model": release_model,
+        }
         if calibration is not None and preset.method not in self.calibrated_methods:
             raise UserError(f"preset {name} is not calibrated: leave out --calibration")
         if preset.method is None:
@@ -452,7 +466,7 @@ class Exporter(ABC):
         """Parity of the staged bundle through this target's runtime, recorded in the manifest;
         a missed gate raises `GateFailed` (and the staging directory is discarded)."""
         try:
-            session = get_runtime(self.runtime).load(staging, device, fused=False)
+            session = load_for_check(self.runtime, staging, device)
         except RuntimeUnavailable as error:
             logger.warning("parity not checked here: %s", error)
             manifest.details["parity"] = {"skipped": str(error)}
@@ -540,6 +554,13 @@ def sizes(
 
 
 # -- fixed inputs and parity -------------------------------------------------------------------------
+def load_for_check(runtime: str, bundle: Path, device: str) -> Session:
+    """A bundle loaded for a parity check: its three graphs (not the fused generator), with the
+    runtime's `check_settings` (less memory, the same numbers) on top of its recorded options."""
+    loader = get_runtime(runtime)
+    return loader.load(bundle, device, fused=False, **loader.check_settings)
+
+
 def sampling_recipe(pipeline: Any) -> SamplingRecipe:
     """The recipe a bundle of `pipeline` states: latent shape, scaling factor, image size."""
     return SamplingRecipe(

@@ -23,8 +23,9 @@ from instaflow_edge.components import RECIPE, component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.gates import GateFailed
 from instaflow_edge.jsonio import dumps
-from instaflow_edge.latency import END_TO_END, interleaved, machine, peak_memory, summarize
+from instaflow_edge.latency import END_TO_END, interleaved, machine, summarize
 from instaflow_edge.manifest import BundleError, read_manifest
+from instaflow_edge.memory import peak_memory
 from instaflow_edge.metrics import image_psnr, tensor_metrics
 from instaflow_edge.runtimes import RuntimeUnavailable, Session, load_session
 

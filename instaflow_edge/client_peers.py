@@ -168,7 +168,7 @@ class ClientPeerSession(Session):
 
     def peak_rss_mib(self) -> float | None:
         """The worker's peak resident memory since it loaded, above what it held before."""
-        from instaflow_edge.latency import status_mib
+        from instaflow_edge.memory import status_mib
 
         peak = status_mib("VmHWM", self.process.pid)
         baseline = self.ready.get("baseline_rss_mib")

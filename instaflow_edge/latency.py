@@ -1,13 +1,12 @@
 """Latency of bundle sessions next to the PyTorch reference: warm-up, timed rounds interleaved in
-one process, p50/p90, ratios; the machine they ran on and the memory they took."""
+one process, p50/p90, ratios; the machine they ran on."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,35 +137,6 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-@contextmanager
-def peak_memory() -> Iterator[dict[str, float | None]]:
-    """The process's peak resident memory during the block above its resident memory at the
-    start, in MiB (`peak_rss_mib`): Linux's VmHWM, reset on entry through /proc/self/clear_refs;
-    None where that is not possible."""
-    measured: dict[str, float | None] = {"peak_rss_mib": None}
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        start = status_mib("VmRSS")
-    except OSError:
-        start = None
-    yield measured
-    peak = status_mib("VmHWM")
-    if start is not None and peak is not None:
-        measured["peak_rss_mib"] = peak - start
-
-
-def status_mib(field: str, process: int | str = "self") -> float | None:
-    """A memory field of /proc/PROCESS/status in MiB (None where there is none)."""
-    try:
-        lines = Path(f"/proc/{process}/status").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 2**10
-    return None
 
 
 def _as_reference(value: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from instaflow_edge.diffusers_format import (
 )
 from instaflow_edge.errors import UserError
 from instaflow_edge.flow import euler_times, unet_timestep
+from instaflow_edge.memory import return_freed_memory
 from instaflow_edge.models import LoadedModel, load_model
 from instaflow_edge.recipe import (
     ONE_STEP_TIMESTEP,
@@ -86,6 +88,14 @@ class OneStepPipeline:
             if dtype is not None and dtype != module.dtype:
                 module.to(dtype)
         return self
+
+    def release_weights(self) -> None:
+        """Free every weight (the modules move to torch's meta device) for a caller done with the
+        model: configs, tokenizer and shapes stay readable, but the pipeline can no longer run."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to("meta")
+        gc.collect()
+        return_freed_memory()
 
     # -- shapes and recipe --------------------------------------------------------------------
     @property

@@ -217,6 +217,9 @@ class Runtime(ABC):
     name: str  # its module's name in instaflow_edge.runtimes, as manifests record it
     target: str  # the bundle target it runs
     options: type[RuntimeOptions] = RuntimeOptions
+    # what the export-time parity check loads a bundle with on top of its recorded options:
+    # settings that lower the check's memory and never change a number it computes
+    check_settings: Mapping[str, Any] = {}
 
     def load(
         self,

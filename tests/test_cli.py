@@ -42,6 +42,19 @@ def test_every_subcommand_explains_itself(name, capsys):
     assert f"usage: instaflow-edge {name}" in text and len(text.splitlines()) > 3
 
 
+def test_runtime_option_help_names_every_option_of_every_bundle_runtime(capsys):
+    from instaflow_edge.export import get_exporter, target_names
+    from instaflow_edge.runtimes import get_runtime
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["validate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for target in target_names():
+        runtime = get_runtime(get_exporter(target).runtime)
+        for key in runtime.options.keys():
+            assert key in text, f"--runtime-option's help leaves out {runtime.name} {key}"
+
+
 @pytest.mark.slow
 def test_generate_writes_the_same_png_for_the_same_seed(tmp_path):
     args = ["generate", "--prompt", "a red circle above a blue square", "--seed", "0"]

@@ -86,6 +86,17 @@ def test_cli_generate_bundle_and_model_are_exclusive(onnx_bundle, tmp_path):
     assert_one_line_error(result, "not allowed with argument")
 
 
+def test_the_memory_arena_is_a_runtime_option_the_export_check_turns_off(onnx_bundle):
+    from instaflow_edge.export.base import load_for_check
+
+    def arenas(session) -> set[bool]:
+        return {s.get_session_options().enable_cpu_mem_arena for s in session.sessions.values()}
+
+    assert arenas(OnnxRuntime().load(onnx_bundle)) == {True}  # ONNX Runtime's default
+    assert arenas(OnnxRuntime().load(onnx_bundle, memory_arena=False)) == {False}
+    assert arenas(load_for_check("onnxruntime", onnx_bundle, "cpu")) == {False}
+
+
 def test_executed_on_is_the_provider_that_ran(onnx_bundle):
     session = load_session(onnx_bundle, "cpu")
     assert session.executed_on == CPU

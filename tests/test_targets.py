@@ -119,6 +119,22 @@ def test_export_records_parity_through_its_runtime_and_passes_the_gates(bundles,
         )
 
 
+@pytest.mark.parametrize("target", ["onnx", "toy"])  # the flow is every target's
+def test_an_export_that_frees_the_model_checks_the_same_numbers(bundles, target, tmp_path):
+    """The export command frees the model's weights once its graphs are made (the check needs
+    only PyTorch's outputs, computed first): the bundle and its parity are those of an export
+    that kept the model."""
+    from instaflow_edge.pipeline import OneStepPipeline
+
+    model = OneStepPipeline.from_pretrained()
+    out = get_exporter(target).export(model, tmp_path / "b", "fp32", release_model=True)
+    assert all(p.is_meta for m in (model.unet, model.vae) for p in m.parameters())
+    freed, kept = (read_manifest(b).details["parity"] for b in (out, bundles(target)))
+    for name in RECIPE:
+        assert freed["components"][name]["psnr_db"] == kept["components"][name]["psnr_db"]
+    assert freed["end_to_end"]["image_psnr_db"] == kept["end_to_end"]["image_psnr_db"]
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_manifest_is_a_closed_world(bundles, target):
     bundle = bundles(target)

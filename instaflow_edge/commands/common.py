@@ -24,7 +24,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a setting of the bundle's runtime (repeatable): onnxruntime threads, spinning, "
-        "graph_optimization; openvino inference_precision (f32|f16|bf16|default), threads, "
+        "graph_optimization, memory_arena; openvino inference_precision (f32|f16|bf16|default), threads, "
         "performance_hint, cache_dir; coreml compute_units, require_device; all: fused",
     )
 

@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     pipeline = OneStepPipeline.from_pretrained(args.model)
-    settings = {"overwrite": args.overwrite, "gate_overrides": gate_overrides(args)}
+    settings = {
+        "overwrite": args.overwrite,
+        "gate_overrides": gate_overrides(args),
+        "release_model": True,  # the command is done with the model once its graphs are made
+    }
     if preset:
         bundle = exporter.export_preset(
             pipeline, out, args.preset, options, calibration=args.calibration, **settings

@@ -1,0 +1,138 @@
+"""Benchmark: what an export costs, per target: wall time and peak resident memory of the user's own
+command (`instaflow-edge export --model MODEL --target T`, parity check included), each in a child
+process whose peak is its own (wait4's ru_maxrss), beside the fp32 bytes of the model's largest
+component (issue 16's goal: peak <= 2.5x the UNet's fp32 weights). With --peers, the clients' own
+exporters (optimum-onnx's main_export, optimum-intel's OVDiffusionPipeline export=True) run from the
+same model, saved once as a diffusers folder, in their venvs (clients/build_venvs.sh).
+
+Usage: python bench/export_cost.py [--model sd15] [--targets onnx,openvino,coreml] [--peers]
+       [--workdir DIR]   -> bench/results/export_cost_MODEL.json and .md
+(sd15: about 20 minutes on 2 cores and up to the peak it reports, so run nothing else beside it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from instaflow_edge.client_peers import CLIENT_PEERS, WORKER, peer_python
+from instaflow_edge.latency import machine
+from instaflow_edge.pipeline import OneStepPipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GOAL = 2.5  # peak resident memory over the largest component's fp32 weights
+CLIENTS = ("optimum-onnx", "optimum-intel")  # the clients' exporters at their defaults
+
+
+def timed_child(command: list[str], log: Path) -> dict:
+    """Run `command` to the end; its wall time and peak resident memory (its own, not ours)."""
+    started = time.perf_counter()
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=output)
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+        raise SystemExit(f"{' '.join(command[:4])} ... failed: {tail}")
+    return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def folder_gib(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--targets", default="onnx,openvino,coreml")
+    parser.add_argument("--peers", action="store_true", help="the clients' exporters too")
+    parser.add_argument("--workdir", type=Path, help="keep the bundles here (default: a temp dir)")
+    args = parser.parse_args()
+
+    pipeline = OneStepPipeline.from_pretrained(args.model)
+    weights = {
+        name: sum(p.numel() * 4 for p in getattr(pipeline, name).parameters()) / 2**30
+        for name in ("text_encoder", "unet", "vae")
+    }
+    largest = max(weights, key=weights.get)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="export-cost-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.peers:
+        pipeline.save_pretrained(workdir / "model", overwrite=True)
+    pipeline.release_weights()  # this process stays small: the children's peaks are their own
+
+    rows = []
+    for target in args.targets.split(","):
+        out = workdir / f"ours-{target}"
+        command = [sys.executable, "-m", "instaflow_edge", "export", "--model", args.model]
+        command += ["--target", target, "-o", str(out), "--overwrite"]
+        print(f"instaflow-edge export --target {target} ...", flush=True)
+        cost = timed_child(command, workdir / f"ours-{target}.log")
+        manifest = json.loads((out / "manifest.json").read_text())
+        rows.append(
+            {
+                "exporter": f"instaflow-edge export --target {target}",
+                "precision": manifest["precision"],
+                "parity_checked": "skipped" not in manifest["details"]["parity"],
+                **cost,
+                "bundle_gib": folder_gib(out),
+            }
+        )
+        print(rows[-1], flush=True)
+    for client in CLIENTS if args.peers else ():
+        out = workdir / f"peer-{client}"
+        shutil.rmtree(out, ignore_errors=True)
+        command = [str(peer_python(client)), str(WORKER), "export", CLIENT_PEERS[client].client]
+        command += [str(workdir / "model"), str(out)]
+        print(f"{client}'s own export ...", flush=True)
+        cost = timed_child(command, workdir / f"peer-{client}.log")
+        rows.append(
+            {
+                "exporter": f"{client} (its own export, no parity check)",
+                "precision": "fp32",
+                "parity_checked": False,
+                **cost,
+                "bundle_gib": folder_gib(out),
+            }
+        )
+        print(rows[-1], flush=True)
+    for row in rows:
+        row["peak_over_weights"] = round(row["peak_rss_gib"] / weights[largest], 2)
+        row["goal_met"] = row["peak_over_weights"] <= GOAL
+
+    result = {
+        "benchmark": f"export cost of {args.model}: wall time and peak resident memory per exporter",
+        "fp32_weights_gib": {name: round(size, 2) for name, size in weights.items()},
+        "goal": f"peak resident memory <= {GOAL}x the {largest}'s fp32 weights "
+        f"({GOAL * weights[largest]:.1f} GiB)",
+        "machine": machine(),
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"export_cost_{args.model}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"Export cost of {args.model} ({result['goal']}):",
+        "",
+        "| exporter | precision | parity checked | wall time | peak RSS | x weights | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['exporter']} | {row['precision']} | {'yes' if row['parity_checked'] else 'no'}"
+            f" | {row['seconds']:.0f} s | {row['peak_rss_gib']:.1f} GiB"
+            f" | {row['peak_over_weights']:.2f}x | {'met' if row['goal_met'] else 'not met'} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

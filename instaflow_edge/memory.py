@@ -1,0 +1,49 @@
+"""The process's memory: its peak during a block, a field of /proc/PID/status, and handing freed
+memory back to the system (Linux; None or a no-op elsewhere)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def peak_memory() -> Iterator[dict[str, float | None]]:
+    """The process's peak resident memory during the block above its resident memory at the
+    start, in MiB (`peak_rss_mib`): Linux's VmHWM, reset on entry through /proc/self/clear_refs;
+    None where that is not possible."""
+    measured: dict[str, float | None] = {"peak_rss_mib": None}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        start = status_mib("VmRSS")
+    except OSError:
+        start = None
+    yield measured
+    peak = status_mib("VmHWM")
+    if start is not None and peak is not None:
+        measured["peak_rss_mib"] = peak - start
+
+
+def status_mib(field: str, process: int | str = "self") -> float | None:
+    """A memory field of /proc/PROCESS/status in MiB (None where there is none)."""
+    try:
+        lines = Path(f"/proc/{process}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**10
+    return None
+
+
+def return_freed_memory() -> None:
+    """Hand the memory Python and the libraries freed back to the system (glibc's malloc_trim):
+    freed small blocks otherwise stay in the process's heap and count in its resident memory
+    until the next peak is added on top of them."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
