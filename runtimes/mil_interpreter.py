@@ -423,6 +423,24 @@ class MILProgram:
                     f"the MIL interpreter does not implement op {op.op_type!r} (producing "
                     f"{name!r}); supported: {', '.join(sorted([*OPS, *CONSTEXPR_OPS, 'const']))}"
                 )
+        self.freed_after = self._last_uses()
+
+    def _last_uses(self) -> list[list[str]]:
+        """Per step, the values no later step reads (neither constants nor outputs): a run drops
+        them there, so that it holds the live activations only, not every one it made."""
+        last: dict[str, int] = {}
+        for index, step in enumerate(self.steps):
+            for name, _ in step.outputs:
+                last.setdefault(name, index)  # made and never read: dropped where it is made
+            for ref in step.inputs.values():
+                for name in ref if isinstance(ref, tuple) else (ref,):
+                    last[name] = index
+        kept = {*self.constants, *self.outputs}
+        freed: list[list[str]] = [[] for _ in self.steps]
+        for name, index in last.items():
+            if name not in kept:
+                freed[index].append(name)
+        return freed
 
     def run(
         self, feeds: dict[str, np.ndarray], constants: dict[str, np.ndarray] | None = None
@@ -442,7 +460,7 @@ class MILProgram:
                     f"input {name!r} has shape {value.shape}, the program wants {shape}"
                 )
             values[name] = value.astype(dtype)
-        for step in self.steps:
+        for step, freed in zip(self.steps, self.freed_after, strict=True):
             kwargs = {
                 param: [_compute(values[n]) for n in ref]
                 if isinstance(ref, tuple)
@@ -453,6 +471,8 @@ class MILProgram:
             results = result if isinstance(result, tuple) else (result,)
             for (name, dtype), value in zip(step.outputs, results, strict=True):
                 values[name] = np.asarray(value).astype(dtype, copy=False)
+            for name in freed:
+                values.pop(name, None)
         return {name: values[name] for name in self.outputs}
 
 
