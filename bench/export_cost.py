@@ -3,10 +3,13 @@ command (`instaflow-edge export --model MODEL --target T`, parity check included
 process whose peak is its own (wait4's ru_maxrss), beside the fp32 bytes of the model's largest
 component (issue 16's goal: peak <= 2.5x the UNet's fp32 weights). With --peers, the clients' own
 exporters (optimum-onnx's main_export, optimum-intel's OVDiffusionPipeline export=True) run from the
-same model, saved once as a diffusers folder, in their venvs (clients/build_venvs.sh).
+same model, saved once as a diffusers folder, in their venvs (clients/build_venvs.sh). With
+--quantize TARGET:METHOD, `instaflow-edge quantize` of that target's new bundle too (a calibrated
+method reads --calibration).
 
 Usage: python bench/export_cost.py [--model sd15] [--targets onnx,openvino,coreml] [--peers]
-       [--workdir DIR]   -> bench/results/export_cost_MODEL.json and .md
+       [--quantize openvino:int8-full --calibration DIR] [--workdir DIR]
+       -> bench/results/export_cost_MODEL.json and .md
 (sd15: about 20 minutes on 2 cores and up to the peak it reports, so run nothing else beside it.)
 """
 
@@ -28,7 +31,11 @@ from instaflow_edge.pipeline import OneStepPipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 2.5  # peak resident memory over the largest component's fp32 weights
-CLIENTS = ("optimum-onnx", "optimum-intel")  # the clients' exporters at their defaults
+# the clients' exporters at their defaults, and how each checks what it wrote
+CLIENTS = {
+    "optimum-onnx": "each graph against PyTorch within an atol (main_export's validation)",
+    "optimum-intel": "none",
+}
 
 
 def timed_child(command: list[str], log: Path) -> dict:
@@ -44,6 +51,29 @@ def timed_child(command: list[str], log: Path) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
 
 
+def our_row(command: list[str], out: Path, label: str) -> dict:
+    """One `instaflow-edge` command writing bundle `out`: its cost, and what its manifest says."""
+    print(f"instaflow-edge {label} ...", flush=True)
+    cost = timed_child([*command, "-o", str(out), "--overwrite"], out.with_suffix(".log"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    row = {
+        "exporter": f"instaflow-edge {label}",
+        "precision": manifest["precision"],
+        "check": check_of(manifest["details"]["parity"]),
+        **cost,
+        "bundle_gib": folder_gib(out),
+    }
+    print(row, flush=True)
+    return row
+
+
+def check_of(parity: dict) -> str:
+    """What the export-time check of one of our bundles did."""
+    if "skipped" in parity:
+        return f"none: {parity['skipped']}"
+    return f"PSNR gates per graph and end to end against {parity['against']}, run on {parity['executed_on']}"
+
+
 def folder_gib(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30, 2)
 
@@ -53,6 +83,8 @@ def main() -> None:
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--targets", default="onnx,openvino,coreml")
     parser.add_argument("--peers", action="store_true", help="the clients' exporters too")
+    parser.add_argument("--quantize", action="append", default=[], metavar="TARGET:METHOD")
+    parser.add_argument("--calibration", type=Path, help="the set a calibrated method reads")
     parser.add_argument("--workdir", type=Path, help="keep the bundles here (default: a temp dir)")
     args = parser.parse_args()
 
@@ -69,23 +101,24 @@ def main() -> None:
     pipeline.release_weights()  # this process stays small: the children's peaks are their own
 
     rows = []
+    ours = [sys.executable, "-m", "instaflow_edge"]
     for target in args.targets.split(","):
-        out = workdir / f"ours-{target}"
-        command = [sys.executable, "-m", "instaflow_edge", "export", "--model", args.model]
-        command += ["--target", target, "-o", str(out), "--overwrite"]
-        print(f"instaflow-edge export --target {target} ...", flush=True)
-        cost = timed_child(command, workdir / f"ours-{target}.log")
-        manifest = json.loads((out / "manifest.json").read_text())
-        rows.append(
-            {
-                "exporter": f"instaflow-edge export --target {target}",
-                "precision": manifest["precision"],
-                "parity_checked": "skipped" not in manifest["details"]["parity"],
-                **cost,
-                "bundle_gib": folder_gib(out),
-            }
-        )
-        print(rows[-1], flush=True)
+        command = [*ours, "export", "--model", args.model, "--target", target]
+        rows.append(our_row(command, workdir / f"ours-{target}", f"export --target {target}"))
+    for pair in args.quantize:
+        target, method = pair.split(":")
+        command = [
+            *ours,
+            "quantize",
+            "--method",
+            method,
+            "--bundle",
+            str(workdir / f"ours-{target}"),
+        ]
+        if args.calibration:
+            command += ["--calibration", str(args.calibration)]
+        label = f"quantize --method {method} ({target})"
+        rows.append(our_row(command, workdir / f"ours-{target}-{method}", label))
     for client in CLIENTS if args.peers else ():
         out = workdir / f"peer-{client}"
         shutil.rmtree(out, ignore_errors=True)
@@ -95,9 +128,9 @@ def main() -> None:
         cost = timed_child(command, workdir / f"peer-{client}.log")
         rows.append(
             {
-                "exporter": f"{client} (its own export, no parity check)",
+                "exporter": f"{client}'s own export",
                 "precision": "fp32",
-                "parity_checked": False,
+                "check": CLIENTS[client],
                 **cost,
                 "bundle_gib": folder_gib(out),
             }
@@ -118,20 +151,25 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"export_cost_{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    """The table of one run, as the README shows it."""
     lines = [
-        f"Export cost of {args.model} ({result['goal']}):",
+        f"{result['goal'][0].upper()}{result['goal'][1:]}:",
         "",
-        "| exporter | precision | parity checked | wall time | peak RSS | x weights | goal |",
+        "| exporter | precision | its check | wall time | peak RSS | x weights | goal |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in result["rows"]:
         lines.append(
-            f"| {row['exporter']} | {row['precision']} | {'yes' if row['parity_checked'] else 'no'}"
-            f" | {row['seconds']:.0f} s | {row['peak_rss_gib']:.1f} GiB"
+            f"| {row['exporter']} | {row['precision']} | {row['check']}"
+            f" | {row['seconds']:.0f} s | {row['peak_rss_gib']:.2f} GiB"
             f" | {row['peak_over_weights']:.2f}x | {'met' if row['goal_met'] else 'not met'} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

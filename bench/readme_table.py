@@ -1,6 +1,8 @@
-"""Write the README's Performance tables from the bench's JSON: the text between the markers
+"""Write the README's Performance tables from the benches' results: the text between the markers
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` becomes `tables.bench_markdown` of
-bench/results/NAME/bench.json, so that the README's numbers are generated, never typed.
+bench/results/NAME/bench.json (`instaflow-edge bench`), or bench/results/NAME.md where a bench
+script writes its own Markdown (bench/export_cost.py), so that the README's numbers are generated,
+never typed.
 
 Usage: python bench/readme_table.py [NAME ...]   (default: every NAME the README marks)
 """
@@ -23,6 +25,9 @@ MARKED = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n).*?(<!-- /bench:(?P=nam
 
 def section(name: str) -> str:
     """The Markdown that belongs between the markers of `name`."""
+    own = RESULTS / f"{name}.md"
+    if own.is_file():
+        return own.read_text()
     result = json.loads((RESULTS / name / "bench.json").read_text())
     return bench_markdown(result, result["command"])
 
