@@ -66,7 +66,7 @@ class OpenVinoExporter(Exporter):
             why="int8-full (W8A8, calibrated at t=1000 on 16 prompts of the model's own set) "
             "executed in bf16: on sd15 UNet 4.02x PyTorch fp32 at 34.3 dB, VAE decoder 4.55x at "
             "35.2 dB, end to end 4.35x at 32.2 dB (bench/results/bench_sd15_openvino_int8); "
-            "quantizing sd15 peaks at 22.5 GB; the embedded default loses more (int8-full: "
+            "quantizing sd15 peaks at 13.0 GiB; the embedded default loses more (int8-full: "
             "19 dB), keep fastest-cpu there",
             method="int8-full",
             runtime_options={"inference_precision": "bf16"},
