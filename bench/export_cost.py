@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from instaflow_edge.client_peers import CLIENT_PEERS, WORKER, peer_python
+from instaflow_edge.client_peers import export_command, worker_env
 from instaflow_edge.latency import machine
 from instaflow_edge.pipeline import OneStepPipeline
 
@@ -38,11 +38,11 @@ CLIENTS = {
 }
 
 
-def timed_child(command: list[str], log: Path) -> dict:
+def timed_child(command: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
     """Run `command` to the end; its wall time and peak resident memory (its own, not ours)."""
     started = time.perf_counter()
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=output)
+        process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -122,10 +122,9 @@ def main() -> None:
     for client in CLIENTS if args.peers else ():
         out = workdir / f"peer-{client}"
         shutil.rmtree(out, ignore_errors=True)
-        command = [str(peer_python(client)), str(WORKER), "export", CLIENT_PEERS[client].client]
-        command += [str(workdir / "model"), str(out)]
+        command = export_command(client, workdir / "model", out)
         print(f"{client}'s own export ...", flush=True)
-        cost = timed_child(command, workdir / f"peer-{client}.log")
+        cost = timed_child(command, workdir / f"peer-{client}.log", worker_env())
         rows.append(
             {
                 "exporter": f"{client}'s own export",

@@ -206,6 +206,21 @@ def _tail(log: Path) -> str:
     return f"{' | '.join(lines)} (log: {log})"
 
 
+def worker_env() -> dict[str, str]:
+    """A worker's environment: offline (the model is a local folder), its output unbuffered."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def export_command(name: str, model: Path, export: Path, prompts: Path | None = None) -> list[str]:
+    """The command with which peer `name`'s worker makes the client's export of the diffusers
+    folder `model` into `export`; a hybrid peer calibrates on the JSON list of `prompts`."""
+    peer = CLIENT_PEERS[name]
+    command = [str(peer_python(name)), str(WORKER), "export", peer.client, str(model), str(export)]
+    if peer.hybrid:
+        command += ["--hybrid", str(prompts), "--num-samples", str(HYBRID_SAMPLES)]
+    return command
+
+
 def open_client_peer(
     name: str, reference: Any, folder: Path, calibration_prompts: list[str]
 ) -> ClientPeerSession:
@@ -220,14 +235,14 @@ def open_client_peer(
         reference.pipeline.save_pretrained(model, overwrite=True)
     export = folder / f"peer-{name}"
     log = folder / f"peer-{name}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = worker_env()
     made = None
     if not (export / COMPLETE).is_file():
-        command = [str(python), str(WORKER), "export", peer.client, str(model), str(export)]
+        prompts = None
         if peer.hybrid:
             prompts = folder / "peer-calibration-prompts.json"
             prompts.write_text(json.dumps(calibration_prompts))
-            command += ["--hybrid", str(prompts), "--num-samples", str(HYBRID_SAMPLES)]
+        command = export_command(name, model, export, prompts)
         logger.info("peer %s: the client exports the model into %s (log: %s)", name, export, log)
         started = time.perf_counter()
         with open(log, "w") as stderr:

@@ -4,8 +4,8 @@ memory back to the system (Linux; None or a no-op elsewhere)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,7 +43,16 @@ def return_freed_memory() -> None:
     """Hand the memory Python and the libraries freed back to the system (glibc's malloc_trim):
     freed small blocks otherwise stay in the process's heap and count in its resident memory
     until the next peak is added on top of them."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim from the C library this process already runs (None elsewhere), looked
+    up once: `ctypes.util.find_library` would start a subprocess on every call."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc; no process handle (Windows)
+        return None

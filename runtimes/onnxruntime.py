@@ -56,7 +56,7 @@ class OnnxRuntimeOptions(RuntimeOptions):
     memory_arena: bool = option(
         True,
         "keep freed activations in ONNX Runtime's CPU memory arena for the next call (off: sd15 "
-        "holds up to 2.7 GiB less, and its UNet runs 13%% slower, its VAE decoder 8%%)",
+        "holds up to 2.7 GiB less, and its UNet runs 13% slower, its VAE decoder 8%)",
     )
 
 
