@@ -156,8 +156,11 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     """The table of one run, as the README shows it."""
+    cpu, host = result["machine"]["cpu"], result["machine"]
     lines = [
-        f"{result['goal'][0].upper()}{result['goal'][1:]}:",
+        f"{result['goal'][0].upper()}{result['goal'][1:]}; {cpu['model']} "
+        f"({', '.join(cpu['flags'])}), {host['threads']['cpu_count']} cores, "
+        f"{host['memory_gib']:.0f} GiB:",
         "",
         "| exporter | precision | its check | wall time | peak RSS | x weights | goal |",
         "|---|---|---|---|---|---|---|",

@@ -24,9 +24,9 @@ from instaflow_edge.export.base import (
     Conversion,
     Exporter,
     ExportOptions,
+    Int8QuantizeOptions,
     Preset,
     Quantization,
-    QuantizeOptions,
 )
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import RuntimeUnavailable
@@ -62,7 +62,7 @@ class OnnxExportOptions(ExportOptions):
 
 
 @dataclass(frozen=True)
-class OnnxQuantizeOptions(QuantizeOptions):
+class OnnxQuantizeOptions(Int8QuantizeOptions):
     """ONNX quantization options."""
 
     calibration_method: str = option(
@@ -134,9 +134,10 @@ class OnnxExporter(Exporter):
                 job.notes["fp32_nodes"] = kept
         elif job.method == "int8-static":
             feeds = calibration_feeds(job.calibration, job.spec)
-            quantize_static_qdq(job.source, job.dest, feeds, job.options.calibration_method)
+            quantize_static_qdq(job.source, job.dest, feeds, job.options)
         else:
-            quantize_dynamic_int8(job.source, job.dest, all_ops=job.method == "int8-dynamic-all")
+            all_ops = job.method == "int8-dynamic-all"
+            quantize_dynamic_int8(job.source, job.dest, all_ops, job.options.seven_bit_weights)
         return True
 
 
@@ -325,8 +326,9 @@ def _finite(path: Path, feeds: dict[str, np.ndarray]) -> bool:
 
 
 # -- int8 -----------------------------------------------------------------------------------------
-def quantize_dynamic_int8(source: Path, dest: Path, all_ops: bool) -> Path:
-    """Dynamic int8: weights int8, activations quantized at run time; MatMul only unless all_ops."""
+def quantize_dynamic_int8(source: Path, dest: Path, all_ops: bool, seven_bit: bool) -> Path:
+    """Dynamic int8: weights int8 (7-bit if asked), activations quantized at run time; MatMul
+    only unless all_ops."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -334,16 +336,17 @@ def quantize_dynamic_int8(source: Path, dest: Path, all_ops: bool) -> Path:
         dest,
         op_types_to_quantize=None if all_ops else ["MatMul"],
         weight_type=QuantType.QInt8,
+        reduce_range=seven_bit,
         use_external_data_format=_has_external_data(source),
     )
     return dest
 
 
 def quantize_static_qdq(
-    source: Path, dest: Path, feeds: Iterator[dict[str, np.ndarray]], calibration_method: str
+    source: Path, dest: Path, feeds: Iterator[dict[str, np.ndarray]], options: OnnxQuantizeOptions
 ) -> Path:
-    """Static int8 QDQ of Conv/MatMul/Gemm: per-channel int8 weights, uint8 activations whose
-    ranges come from the calibration feeds."""
+    """Static int8 QDQ of Conv/MatMul/Gemm: per-channel int8 weights (7-bit if asked), uint8
+    activations whose ranges come from the calibration feeds."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -380,7 +383,8 @@ def quantize_static_qdq(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=method[calibration_method],
+            calibrate_method=method[options.calibration_method],
+            reduce_range=options.seven_bit_weights,
             use_external_data_format=external,
         )
     for leftover in dest.parent.glob(f".{dest.stem}.pre.onnx*"):

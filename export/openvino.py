@@ -18,6 +18,7 @@ from instaflow_edge.export.base import (
     Conversion,
     Exporter,
     ExportOptions,
+    Int8QuantizeOptions,
     Preset,
     Quantization,
 )
@@ -53,6 +54,7 @@ class OpenVinoExporter(Exporter):
     layout = {name: f"{name}/{MODEL_FILE}" for name in COMPONENTS}  # optimum-intel's folders
     converter = "openvino.convert_model from PyTorch"
     export_options = OpenVinoExportOptions
+    quantize_options = Int8QuantizeOptions
     methods = ("int8-weights", "int4-weights", "hybrid", "int8-full")
     calibrated_methods = ("hybrid", "int8-full")
     presets = {
@@ -65,9 +67,10 @@ class OpenVinoExporter(Exporter):
         "fastest-cpu-int8": Preset(
             why="int8-full (W8A8, calibrated at t=1000 on 16 prompts of the model's own set) "
             "executed in bf16: on sd15 UNet 4.02x PyTorch fp32 at 34.3 dB, VAE decoder 4.55x at "
-            "35.2 dB, end to end 4.35x at 32.2 dB (bench/results/bench_sd15_openvino_int8); "
-            "quantizing sd15 peaks at 13.0 GiB; the embedded default loses more (int8-full: "
-            "19 dB), keep fastest-cpu there",
+            "35.2 dB, end to end 4.35x at 32.2 dB on an AVX-512 CPU with 8-bit weights "
+            "(bench/results/bench_sd15_openvino_int8; the 7-bit default came later and was "
+            "measured only on an AVX2 CPU, where bf16 runs as f32); quantizing sd15 peaks at "
+            "13.0 GiB; the embedded default loses more (int8-full: 19 dB), keep fastest-cpu there",
             method="int8-full",
             runtime_options={"inference_precision": "bf16"},
             calibration_prompts=16,
@@ -113,16 +116,26 @@ class OpenVinoExporter(Exporter):
         if job.spec.name == "generator" and job.calibration is not None:
             return False  # calibrated per component: the fused generator has no samples
         model = ov.Core().read_model(job.source)
-        model = nncf_quantize(model, job.spec, job.method, job.calibration)
+        model = nncf_quantize(
+            model, job.spec, job.method, job.calibration, job.options.seven_bit_weights
+        )
         ov.save_model(model, job.dest, compress_to_fp16=job.precision == "fp16")
         return True
 
 
 def nncf_quantize(
-    model: ov.Model, spec: ComponentSpec, method: str, calibration: CalibrationSet | None
+    model: ov.Model,
+    spec: ComponentSpec,
+    method: str,
+    calibration: CalibrationSet | None,
+    seven_bit_weights: bool = True,
+    advanced: dict[str, Any] | None = None,
 ) -> ov.Model:
-    """One component's IR quantized by `method` (optimum-intel's definitions for diffusion)."""
+    """One component's IR quantized by `method` (optimum-intel's definitions for diffusion);
+    where activations are quantized, weights are 7-bit everywhere or (NNCF's default) in the
+    first layer only, and `advanced` adds NNCF's advanced parameters (bench/unet_int8_levers.py)."""
     import nncf
+    from nncf.quantization.advanced_parameters import OverflowFix
 
     name = spec.name
     if method == "int8-weights" or (method == "hybrid" and name != "unet"):
@@ -137,6 +150,8 @@ def nncf_quantize(
             ),
         )
     dataset = nncf.Dataset(list(calibration.inputs(name, [t.name for t in spec.inputs])))
+    overflow_fix = OverflowFix.ENABLE if seven_bit_weights else OverflowFix.FIRST_LAYER
+    parameters = {"overflow_fix": overflow_fix, **(advanced or {})}
     if method == "hybrid":
         # optimum-intel's hybrid mode: MatMul/embedding weights int8 (weights only); the
         # convolutions and every activation quantized from calibration data, SmoothQuant off.
@@ -152,10 +167,17 @@ def nncf_quantize(
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(calibration),
             ignored_scope=nncf.IgnoredScope(names=weighted, validate=False),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                smooth_quant_alpha=-1, **parameters
+            ),
         )
-    model_type = None if name == "vae_decoder" else nncf.ModelType.TRANSFORMER
-    return nncf.quantize(model, dataset, model_type=model_type, subset_size=len(calibration))
+    return nncf.quantize(
+        model,
+        dataset,
+        model_type=None if name == "vae_decoder" else nncf.ModelType.TRANSFORMER,
+        subset_size=len(calibration),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(**parameters),
+    )
 
 
 def _ops_with_weights(model: ov.Model) -> list[str]:

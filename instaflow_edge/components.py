@@ -169,13 +169,15 @@ class Component:
     """One exportable part: its torch module (built from a pipeline) and its tensors.
 
     `module` is "module:Class" of an `nn.Module` taking the pipeline (imported only on export);
-    `tensors(shapes)` gives (inputs, outputs); `fused` marks the optional one-graph generator,
-    which has no PyTorch counterpart of its own and is compared on its image.
+    `tensors(shapes)` gives (inputs, outputs); `weights` names the pipeline's modules whose
+    weights it holds (an export frees each after its last component); `fused` marks the optional
+    one-graph generator, which has no PyTorch counterpart of its own and is compared on its image.
     """
 
     name: str
     module: str
     tensors: Callable[[ModelShapes], tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
+    weights: tuple[str, ...]
     fused: bool = False
 
     def spec(self, shapes: ModelShapes) -> ComponentSpec:
@@ -204,6 +206,7 @@ COMPONENTS: dict[str, Component] = {
             "text_encoder",
             f"{_MODULES}:TextEncoder",
             lambda s: ((_ids(s),), (_f32("last_hidden_state", s.text),)),
+            ("text_encoder",),
         ),
         Component(
             "unet",
@@ -216,6 +219,7 @@ COMPONENTS: dict[str, Component] = {
                 ),
                 (_f32("out_sample", s.latent),),
             ),
+            ("unet",),
         ),
         Component(
             "vae_decoder",
@@ -224,6 +228,7 @@ COMPONENTS: dict[str, Component] = {
                 (_f32("latent_sample", s.latent),),
                 (_f32("sample", (BATCH, 3, s.image_size, s.image_size)),),
             ),
+            ("vae",),
         ),
         Component(
             "generator",
@@ -232,6 +237,7 @@ COMPONENTS: dict[str, Component] = {
                 (_ids(s), _f32("noise", s.latent)),
                 (TensorSpec("image", (BATCH, s.image_size, s.image_size, 3), "uint8"),),
             ),
+            ("text_encoder", "unet", "vae"),
             fused=True,
         ),
     )

@@ -143,8 +143,9 @@ def add_option_flags(
         help_text = f"{', '.join(users)}: {field.metadata.get('help', '')}"
         if field.default not in (None, False, dataclasses.MISSING):
             help_text += f" (default {field.default})"
-        if kind is bool:
-            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:  # one that is on by default can be turned off: --no-NAME
+            action = argparse.BooleanOptionalAction if field.default is True else "store_true"
+            group.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
             continue
         group.add_argument(
             flag,

@@ -89,11 +89,12 @@ class OneStepPipeline:
                 module.to(dtype)
         return self
 
-    def release_weights(self) -> None:
-        """Free every weight (the modules move to torch's meta device) for a caller done with the
-        model: configs, tokenizer and shapes stay readable, but the pipeline can no longer run."""
-        for module in (self.text_encoder, self.unet, self.vae):
-            module.to("meta")
+    def release_weights(self, modules: Sequence[str] = ("text_encoder", "unet", "vae")) -> None:
+        """Free the weights of `modules` (by default all: they move to torch's meta device) for a
+        caller done with them: configs, tokenizer and shapes stay readable, but the pipeline can
+        no longer run."""
+        for name in modules:
+            getattr(self, name).to("meta")
         gc.collect()
         return_freed_memory()
 

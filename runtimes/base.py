@@ -45,6 +45,12 @@ class RuntimeOptions(Options):
     """Options of every runtime."""
 
     fused: bool = option(True, "generate with the bundle's fused one-graph generator if it has one")
+    reduce_memory: bool = option(
+        False,
+        "hold one component's graph at a time: each loads when it runs and the one before is "
+        "released (Apple's reduceMemory); the peak is the largest graph's, not the sum, for a "
+        "load per component per generation",
+    )
 
 
 class Session(ABC):
@@ -110,10 +116,17 @@ class Session(ABC):
 
 class BundleSession(Session):
     """A session over an exported bundle: it tokenizes with the bundle's own `tokenizer.json`
-    and, when the bundle holds a fused generator and it was asked for, generates in one call."""
+    and, when the bundle holds a fused generator and it was asked for, generates in one call.
+
+    A runtime's session loads each component's graph with `load_graph`; `loaded` holds them,
+    each checked against the manifest as it loads: all of them from the start, or with the
+    option `reduce_memory` one at a time, loaded when it runs.
+    """
 
     def attach_bundle(self, bundle: Path, manifest: Manifest, options: RuntimeOptions) -> None:
         """Keep the manifest, its sampling recipe, component specs and options; load the tokenizer."""
+        self.bundle = bundle
+        self.loaded: dict[str, Any] = {}
         self.manifest = manifest
         self.options = options
         self.fused = options.fused and "generator" in manifest.components
@@ -123,6 +136,31 @@ class BundleSession(Session):
         }
         length = int(manifest.components["text_encoder"].spec.inputs[0].shape[-1])
         self.tokenizer = load_bundle_tokenizer(bundle, length)
+
+    @abstractmethod
+    def load_graph(self, component: str, path: Path) -> Any:
+        """One component's graph loaded from its file (a session, a compiled model...)."""
+
+    def load_graphs(self) -> None:
+        """Load every graph now; with `reduce_memory` only the first (errors show at load, and
+        the session can say what it runs on), the others when they run."""
+        for component in self.specs:
+            self.graph(component)
+            if self.options.reduce_memory:
+                break
+
+    def graph(self, component: str) -> Any:
+        """`component`'s loaded graph, loaded on first use and checked against the manifest;
+        with `reduce_memory`, the graph held before is released first."""
+        if component not in self.loaded:
+            if self.options.reduce_memory:
+                self.loaded.clear()
+            graph = self.load_graph(
+                component, self.bundle / self.manifest.components[component].file
+            )
+            self.check_graph(component, graph)  # a graph that disagrees is never held
+            self.loaded[component] = graph
+        return self.loaded[component]
 
     def tokenize(self, prompts: str | list[str]) -> np.ndarray:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -168,36 +206,36 @@ class BundleSession(Session):
         """Run one graph on inputs already in its dtypes and batch; outputs by tensor name."""
 
     @abstractmethod
-    def graph_tensors(self, component: str) -> dict[str, GraphTensor] | None:
-        """The loaded graph's own inputs and outputs by name, or None where the format keeps no
+    def graph_tensors(self, component: str, graph: Any) -> dict[str, GraphTensor] | None:
+        """`component`'s loaded graph's own inputs and outputs by name, or None where the format keeps no
         signature (then the manifest's word is all there is)."""
 
-    def check_graphs(self, bundle: Path) -> None:
-        """Refuse a manifest whose tensors disagree with the graphs it describes: names, dtypes,
+    def check_graph(self, component: str, loaded: Any) -> None:
+        """Refuse a manifest whose tensors disagree with the graph it describes: names, dtypes,
         ranks and every fixed axis (a manifest edited by hand would otherwise crash mid-run)."""
-        for component, spec in self.specs.items():
-            graph = self.graph_tensors(component)
-            if graph is None:
-                continue
-            declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
-            if set(graph) != set(declared):
+        graph = self.graph_tensors(component, loaded)
+        if graph is None:
+            return
+        spec, bundle = self.specs[component], self.bundle
+        declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+        if set(graph) != set(declared):
+            raise UserError(
+                f"bundle {bundle}: {component}'s graph has tensors {sorted(graph)}, its "
+                f"manifest declares {sorted(declared)}"
+            )
+        for name, (shape, dtype) in graph.items():
+            tensor = declared[name]
+            if dtype is not None and dtype != tensor.dtype:
                 raise UserError(
-                    f"bundle {bundle}: {component}'s graph has tensors {sorted(graph)}, its "
-                    f"manifest declares {sorted(declared)}"
+                    f"bundle {bundle}: {component}.{name} is {tensor.dtype} in the manifest "
+                    f"but {dtype} in the graph"
                 )
-            for name, (shape, dtype) in graph.items():
-                tensor = declared[name]
-                if dtype is not None and dtype != tensor.dtype:
-                    raise UserError(
-                        f"bundle {bundle}: {component}.{name} is {tensor.dtype} in the manifest "
-                        f"but {dtype} in the graph"
-                    )
-                if shape is not None and not _shapes_agree(shape, tensor.shape):
-                    raise UserError(
-                        f"bundle {bundle}: {component}.{name} has shape {list(tensor.shape)} in "
-                        f"the manifest but {[d if d is not None else '?' for d in shape]} in "
-                        "the graph"
-                    )
+            if shape is not None and not _shapes_agree(shape, tensor.shape):
+                raise UserError(
+                    f"bundle {bundle}: {component}.{name} has shape {list(tensor.shape)} in "
+                    f"the manifest but {[d if d is not None else '?' for d in shape]} in "
+                    "the graph"
+                )
 
     def generate(self, input_ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """With a fused generator (and option fused): one graph call; else three graphs."""
@@ -218,8 +256,9 @@ class Runtime(ABC):
     target: str  # the bundle target it runs
     options: type[RuntimeOptions] = RuntimeOptions
     # what the export-time parity check loads a bundle with on top of its recorded options:
-    # settings that lower the check's memory and never change a number it computes
-    check_settings: Mapping[str, Any] = {}
+    # settings that lower the check's memory and never change a number it computes (one graph
+    # held at a time: the check's peak is the UNet's, not the whole bundle's beside it)
+    check_settings: Mapping[str, Any] = {"reduce_memory": True}
 
     def load(
         self,
@@ -228,8 +267,8 @@ class Runtime(ABC):
         options: RuntimeOptions | Mapping[str, Any] | None = None,
         **settings: Any,
     ) -> Session:
-        """Verify every file of the bundle against its manifest, open it on `device`, and check
-        the graphs' tensors against the manifest's.
+        """Verify every file of the bundle against its manifest and open it on `device` (a
+        bundle session checks each graph's tensors against the manifest's as it loads it).
 
         `options` is this runtime's options class (taken whole), or a mapping of its fields laid
         over the manifest's `runtime_options` (the settings the bundle was made to run with);
@@ -240,10 +279,7 @@ class Runtime(ABC):
         if not isinstance(options, RuntimeOptions):
             options = {**manifest.runtime_options, **(options or {})}
         options = self.options.coerce(options, **settings)
-        session = self.open(bundle, manifest, device, options)
-        if isinstance(session, BundleSession):
-            session.check_graphs(bundle)
-        return session
+        return self.open(bundle, manifest, device, options)
 
     @abstractmethod
     def open(

@@ -102,18 +102,19 @@ class CoreMLSession(BundleSession):
     def __init__(
         self, bundle: Path, manifest: Manifest, options: CoreMLOptions, compute_units: str
     ):
+        self.compute_units = compute_units
         self.attach_bundle(bundle, manifest, options)
-        self.components = {
-            name: _Predictor(bundle / entry.file, compute_units, device=on_macos())
-            for name, entry in manifest.components.items()
-        }
-        self.executed_on = next(iter(self.components.values())).executed_on
+        self.load_graphs()
+        self.executed_on = next(iter(self.loaded.values())).executed_on
+
+    def load_graph(self, component: str, path: Path) -> _Predictor:
+        return _Predictor(path, self.compute_units, device=on_macos())
 
     def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.components[component](inputs)
+        return self.graph(component)(inputs)
 
-    def graph_tensors(self, component: str) -> dict[str, GraphTensor]:
-        return self.components[component].tensors
+    def graph_tensors(self, component: str, graph: _Predictor) -> dict[str, GraphTensor]:
+        return graph.tensors
 
 
 class CoreMLRuntime(Runtime):

@@ -140,22 +140,23 @@ class OnnxSession(BundleSession):
     def __init__(
         self, bundle: Path, manifest: Manifest, providers: list[str], options: OnnxRuntimeOptions
     ):
-        ort = _onnxruntime()
+        self.providers = providers
         self.attach_bundle(bundle, manifest, options)
-        self.sessions = {
-            name: ort.InferenceSession(
-                str(bundle / entry.file),
-                _session_options(ort, name, options),
-                providers=providers,
-            )
-            for name, entry in manifest.components.items()
-        }
-        ran = {session.get_providers()[0] for session in self.sessions.values()}
+        self.load_graphs()
+        ran = {session.get_providers()[0] for session in self.loaded.values()}
         self.executed_on = CUDA if ran == {CUDA} else CPU
         if providers[0] == CUDA and self.executed_on != CUDA:
             logger.warning("CUDA was asked for but the CUDA provider did not load: running on CPU")
-        threads = {s.get_session_options().intra_op_num_threads for s in self.sessions.values()}
+        threads = {s.get_session_options().intra_op_num_threads for s in self.loaded.values()}
         self.threads = (threads.pop() or None) if len(threads) == 1 else None
+
+    def load_graph(self, component: str, path: Path):
+        ort = _onnxruntime()
+        return ort.InferenceSession(
+            str(path),
+            _session_options(ort, component, self.options),
+            providers=self.providers,
+        )
 
     @property
     def _device(self) -> str:
@@ -163,10 +164,10 @@ class OnnxSession(BundleSession):
 
     def prepare(self, component: str, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
         """Bind `feeds` on the session's device; the returned call runs the graph, no host copies."""
-        if component not in self.sessions:
+        if component not in self.specs:
             raise UserError(f"this bundle has no component {component!r}")
         ort = _onnxruntime()
-        session = self.sessions[component]
+        session = self.graph(component)
         binding = session.io_binding()
         for spec in self.specs[component].inputs:
             if spec.name not in feeds:
@@ -189,8 +190,7 @@ class OnnxSession(BundleSession):
         names = [spec.name for spec in self.specs[component].outputs]
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
-    def graph_tensors(self, component: str) -> dict[str, GraphTensor]:
-        session = self.sessions[component]
+    def graph_tensors(self, component: str, session) -> dict[str, GraphTensor]:
         return {
             node.name: (
                 tuple(d if isinstance(d, int) else None for d in node.shape),
@@ -208,7 +208,7 @@ class OnnxRuntime(Runtime):
     options = OnnxRuntimeOptions
     # the arena keeps each graph's largest activations after a call: sd15's check held 2.7 GiB
     # more with it; a check runs each graph once or twice, so it has nothing to gain
-    check_settings = {"memory_arena": False}
+    check_settings = {**Runtime.check_settings, "memory_arena": False}
 
     def open(
         self, bundle: Path, manifest: Manifest, device: str, options: OnnxRuntimeOptions

@@ -92,37 +92,37 @@ class OpenVinoSession(BundleSession):
     runtime = "openvino"
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str, options: OpenVinoOptions):
-        ov = _openvino()
-        core = ov.Core()
-        config = compile_config(options)
+        self.core = _openvino().Core()
+        self.device = device
+        self.config = config = compile_config(options)
         self.attach_bundle(bundle, manifest, options)
-        self.compiled = {
-            name: core.compile_model(str(bundle / entry.file), device, config)
-            for name, entry in manifest.components.items()
-        }
-        self.requests = {
-            name: model.create_infer_request() for name, model in self.compiled.items()
-        }
-        unet = self.compiled["unet"]
-        self.executed_on = ",".join(unet.get_property("EXECUTION_DEVICES"))
+        self.load_graphs()
+        # what ran the UNet (with reduce_memory, the first graph loaded)
+        compiled, _ = self.loaded.get("unet") or next(iter(self.loaded.values()))
+        self.executed_on = ",".join(compiled.get_property("EXECUTION_DEVICES"))
         # AUTO passes these to the device it picks but does not report them: then what was asked
-        precision = _property(unet, "INFERENCE_PRECISION_HINT")
+        precision = _property(compiled, "INFERENCE_PRECISION_HINT")
         self.inference_precision = (
             precision.get_type_name()
             if precision is not None
             else config.get("INFERENCE_PRECISION_HINT", "default")
         )
-        threads = _property(unet, "INFERENCE_NUM_THREADS")
+        threads = _property(compiled, "INFERENCE_NUM_THREADS")
         self.threads = int(
             threads if threads is not None else config.get("INFERENCE_NUM_THREADS", 0)
         )
 
+    def load_graph(self, component: str, path: Path):
+        """The compiled model and its infer request."""
+        compiled = self.core.compile_model(str(path), self.device, self.config)
+        return compiled, compiled.create_infer_request()
+
     def settings(self) -> dict[str, object]:
         return {**super().settings(), "executed_precision": self.inference_precision}
 
-    def graph_tensors(self, component: str) -> dict[str, GraphTensor]:
+    def graph_tensors(self, component: str, graph) -> dict[str, GraphTensor]:
         declared = {t.name for t in (*self.specs[component].inputs, *self.specs[component].outputs)}
-        compiled = self.compiled[component]
+        compiled, _ = graph
         return {  # a port has a set of names (a converted graph keeps its old ones too)
             min(port.get_names() & declared or port.get_names()): (
                 tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape()),
@@ -132,7 +132,7 @@ class OpenVinoSession(BundleSession):
         }
 
     def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request = self.requests[component]
+        _, request = self.graph(component)
         request.infer(inputs)
         return {
             t.name: request.get_tensor(t.name).data.copy() for t in self.specs[component].outputs

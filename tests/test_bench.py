@@ -213,7 +213,8 @@ def test_the_clients_own_exports_are_timed_beside_the_bundles(capsys, tmp_path):
         psnr["optimum-onnx", "text_encoder"] == "inf" or psnr["optimum-onnx", "text_encoder"] > 100
     )
     assert psnr["optimum-onnx", "end_to_end"] == "inf" or psnr["optimum-onnx", "end_to_end"] > 60
-    assert psnr["optimum-intel", "end_to_end"] > 30  # OpenVINO's default precision (bf16 here)
+    # OpenVINO's default precision: bf16 where the CPU has it (about 47 dB), else f32 (identical)
+    assert psnr["optimum-intel", "end_to_end"] == "inf" or psnr["optimum-intel", "end_to_end"] > 30
     assert size["optimum-intel-hybrid", "unet"] < size["optimum-intel", "unet"] / 2  # int8
     info = {e["name"]: e for e in result["bundles"]}
     for peer in peers:

@@ -90,7 +90,7 @@ def test_the_memory_arena_is_a_runtime_option_the_export_check_turns_off(onnx_bu
     from instaflow_edge.export.base import load_for_check
 
     def arenas(session) -> set[bool]:
-        return {s.get_session_options().enable_cpu_mem_arena for s in session.sessions.values()}
+        return {s.get_session_options().enable_cpu_mem_arena for s in session.loaded.values()}
 
     assert arenas(OnnxRuntime().load(onnx_bundle)) == {True}  # ONNX Runtime's default
     assert arenas(OnnxRuntime().load(onnx_bundle, memory_arena=False)) == {False}
@@ -100,7 +100,7 @@ def test_the_memory_arena_is_a_runtime_option_the_export_check_turns_off(onnx_bu
 def test_executed_on_is_the_provider_that_ran(onnx_bundle):
     session = load_session(onnx_bundle, "cpu")
     assert session.executed_on == CPU
-    assert {s.get_providers()[0] for s in session.sessions.values()} == {CPU}
+    assert {s.get_providers()[0] for s in session.loaded.values()} == {CPU}
     assert json.loads((onnx_bundle / "manifest.json").read_text())["target"] == "onnx"
 
 

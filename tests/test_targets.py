@@ -119,20 +119,63 @@ def test_export_records_parity_through_its_runtime_and_passes_the_gates(bundles,
         )
 
 
+def _held_at_each_conversion(monkeypatch, exporter, model) -> dict[str, set[str]]:
+    """Which of the model's modules still hold their weights as each graph is converted."""
+    held: dict[str, set[str]] = {}
+    convert = exporter.convert
+
+    def recording(job):
+        held[job.spec.name] = {
+            name
+            for name in ("text_encoder", "unet", "vae")
+            if not any(p.is_meta for p in getattr(model, name).parameters())
+        }
+        return convert(job)
+
+    monkeypatch.setattr(exporter, "convert", recording)
+    return held
+
+
 @pytest.mark.parametrize("target", ["onnx", "toy"])  # the flow is every target's
-def test_an_export_that_frees_the_model_checks_the_same_numbers(bundles, target, tmp_path):
-    """The export command frees the model's weights once its graphs are made (the check needs
-    only PyTorch's outputs, computed first): the bundle and its parity are those of an export
-    that kept the model."""
+def test_an_export_that_frees_the_model_checks_the_same_numbers(
+    bundles, target, tmp_path, monkeypatch
+):
+    """The export command frees each of the model's modules once its last graph is saved (the
+    check needs only PyTorch's outputs, computed first), so the UNet's conversion does not sit
+    beside the text encoder: the bundle and its parity are those of an export that kept the
+    model."""
     from instaflow_edge.pipeline import OneStepPipeline
 
     model = OneStepPipeline.from_pretrained()
-    out = get_exporter(target).export(model, tmp_path / "b", "fp32", release_model=True)
-    assert all(p.is_meta for m in (model.unet, model.vae) for p in m.parameters())
+    exporter = get_exporter(target)
+    held = _held_at_each_conversion(monkeypatch, exporter, model)
+    out = exporter.export(model, tmp_path / "b", "fp32", release_model=True)
+    assert held == {
+        "text_encoder": {"text_encoder", "unet", "vae"},
+        "unet": {"unet", "vae"},
+        "vae_decoder": {"vae"},
+    }
+    assert all(
+        p.is_meta for m in (model.text_encoder, model.unet, model.vae) for p in m.parameters()
+    )
+    assert read_manifest(out).source_model == read_manifest(bundles(target)).source_model
     freed, kept = (read_manifest(b).details["parity"] for b in (out, bundles(target)))
     for name in RECIPE:
         assert freed["components"][name]["psnr_db"] == kept["components"][name]["psnr_db"]
     assert freed["end_to_end"]["image_psnr_db"] == kept["end_to_end"]["image_psnr_db"]
+
+
+def test_a_fused_export_frees_no_module_before_the_generator_graph(tmp_path, monkeypatch):
+    """The fused generator holds every module's weights: they are freed only after it."""
+    from instaflow_edge.pipeline import OneStepPipeline
+
+    model = OneStepPipeline.from_pretrained()
+    exporter = get_exporter("toy")
+    held = _held_at_each_conversion(monkeypatch, exporter, model)
+    exporter.export(model, tmp_path / "b", "fp32", {"fused": True}, release_model=True)
+    assert held["generator"] == {"text_encoder", "unet", "vae"}
+    assert held["vae_decoder"] == {"text_encoder", "unet", "vae"}
+    assert all(p.is_meta for p in model.unet.parameters())
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -156,6 +199,38 @@ def test_bundle_reproduces_pytorch_on_unseen_inputs(bundles, unseen, target):
     fused = load_session(bundles(target)).generate(ids, noise)  # the generator graph
     assert three.dtype == fused.dtype == np.uint8 and three.shape == images.shape
     assert image_psnr(images, three) >= 40 and image_psnr(images, fused) >= 40
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_reduce_memory_holds_one_graph_at_a_time_and_makes_the_same_image(bundles, unseen, target):
+    """`reduce_memory` (Apple's reduceMemory): each graph loads when it runs, the one before
+    is released; the numbers are those of a session holding them all."""
+    ids, noise, io, _ = unseen
+    whole = load_session(bundles(target), fused=False)
+    lean = load_session(bundles(target), fused=False, reduce_memory=True)
+    assert list(lean.loaded) == ["text_encoder"] and set(whole.loaded) == set(whole.specs)
+    np.testing.assert_array_equal(lean.generate(ids, noise), whole.generate(ids, noise))
+    assert list(lean.loaded) == ["vae_decoder"]
+    assert component_psnr(lean, io) == component_psnr(whole, io)
+    assert lean.executed_on == whole.executed_on
+    from instaflow_edge.export.base import load_for_check  # the export's check loads it so
+
+    assert len(load_for_check(get_exporter(target).runtime, bundles(target), "cpu").loaded) == 1
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino", "coreml"])
+def test_reduce_memory_refuses_a_graph_that_disagrees_with_the_manifest_when_it_loads(
+    bundles, unseen, target, tmp_path
+):
+    import shutil
+
+    bundle = shutil.copytree(bundles(target), tmp_path / "edited")
+    edit_manifest(bundle, half_sample)
+    session = load_session(bundle, fused=False, reduce_memory=True)  # the UNet is not loaded yet
+    ids, noise, _, _ = unseen
+    for _ in range(2):  # a graph refused once is not held and run the next time
+        with pytest.raises(UserError, match="unet.sample is float16 in the manifest but"):
+            session.generate(ids, noise)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -311,6 +386,62 @@ def test_quantized_bundle_keeps_the_contract(
         assert manifest.details["calibration"]["samples"] == 8
     ids, noise, _, images = unseen
     assert image_psnr(images, load_session(bundle, fused=False).generate(ids, noise)) >= 25
+
+
+def largest_int8_weight(bundle: Path) -> int:
+    """The largest magnitude among the int8 weight constants of a quantized bundle's UNet."""
+    manifest = read_manifest(bundle)
+    path = bundle / manifest.components["unet"].file
+    if manifest.target == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        weights = [
+            numpy_helper.to_array(tensor)
+            for tensor in onnx.load(path).graph.initializer
+            if tensor.data_type == onnx.TensorProto.INT8
+        ]
+    else:
+        import openvino as ov
+
+        weights = [
+            op.get_data()
+            for op in ov.Core().read_model(path).get_ops()
+            if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
+        ]
+    return max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+
+
+@pytest.mark.parametrize(
+    ("target", "method"),
+    [
+        ("onnx", "int8-static"),
+        ("onnx", "int8-dynamic"),
+        pytest.param("openvino", "int8-full", marks=pytest.mark.slow),
+    ],
+)
+def test_int8_methods_write_7_bit_weights_unless_told_not_to(
+    bundles, calibration, target, method, tmp_path
+):
+    """CPUs without VNNI (AVX2 only) saturate the 16-bit sums of uint8 x int8 products: 7-bit
+    weights (ONNX Runtime's reduce_range, NNCF's overflow fix) keep what was calibrated there,
+    so a bundle computes the same on every x86 CPU; the option says so in the manifest."""
+    from instaflow_edge.cli import main
+
+    exporter = get_exporter(target)
+    given = calibration if method in exporter.calibrated_methods else None
+    seven = exporter.quantize(bundles(target), tmp_path / "7", method, given)
+    eight = tmp_path / "8"
+    command = ["quantize", "--bundle", str(bundles(target)), "--method", method, "-o", str(eight)]
+    assert (
+        main(
+            [*command, *(["--calibration", str(given)] if given else []), "--no-seven-bit-weights"]
+        )
+        == 0
+    )
+    assert largest_int8_weight(seven) <= 64 < largest_int8_weight(eight)
+    assert read_manifest(seven).details["options"]["seven_bit_weights"] is True
+    assert read_manifest(eight).details["options"]["seven_bit_weights"] is False
 
 
 @pytest.mark.parametrize("target", TARGETS)

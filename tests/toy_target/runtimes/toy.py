@@ -18,18 +18,18 @@ class ToySession(BundleSession):
 
     def __init__(self, bundle: Path, manifest: Manifest, options: RuntimeOptions):
         self.attach_bundle(bundle, manifest, options)
-        self.modules = {
-            name: torch.jit.load(str(bundle / entry.file)).float().eval()
-            for name, entry in manifest.components.items()
-        }
+        self.load_graphs()
+
+    def load_graph(self, component: str, path: Path):
+        return torch.jit.load(str(path)).float().eval()
 
     def infer(self, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[component]
         with torch.no_grad():
-            out = self.modules[component](*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
+            out = self.graph(component)(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
         return {spec.outputs[0].name: out.numpy()}
 
-    def graph_tensors(self, component: str) -> None:
+    def graph_tensors(self, component: str, graph) -> None:
         return None  # TorchScript keeps no tensor signature
 
 
