@@ -5,9 +5,11 @@
 CLIENT is optimum-onnx (`ORTDiffusionPipeline`), optimum-intel (`OVDiffusionPipeline`, f32
 inference precision) or diffusers (`DiffusionPipeline`, for model folders). The client loads DIR
 with its own `from_pretrained`, tokenizes the prompt with DIR's tokenizer, and generates one step
-from our noise (`latents=`, `num_inference_steps=1`, `guidance_scale=0`). Prints one JSON line:
-the pipeline and scheduler classes, the timestep the UNet was fed, and the PSNR of the uint8 image
-against REFERENCE (our uint8 NHWC image). Runs in a client's venv: numpy and the client only.
+from our noise (`latents=`, `num_inference_steps=1`, `guidance_scale=0`), then once more as a
+user's first call does, at the pipeline's defaults (50 steps with guidance). Prints one JSON line:
+the pipeline and scheduler classes, the timestep the UNet was fed, the PSNR of the uint8 image
+against REFERENCE (our uint8 NHWC image), and the defaults' step count, image shape and whether
+it is finite. Runs in a client's venv: numpy and the client only.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main() -> int:
     ).images
     pixels = (np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8)
     reference = np.load(args.reference)
+    default = pipe(args.prompt, output_type="np").images
+    default_steps = [float(t) for t in pipe.scheduler.timesteps]
     result = {
         "client": args.client,
         "pipeline": type(pipe).__name__,
@@ -73,6 +77,12 @@ def main() -> int:
         "timesteps": timesteps,
         "shape": list(pixels.shape),
         "psnr_db": psnr_db(pixels, reference) if pixels.shape == reference.shape else None,
+        "defaults": {
+            "steps": len(default_steps),
+            "first_timestep": default_steps[0],
+            "shape": list(np.asarray(default).shape),
+            "finite": bool(np.isfinite(default).all()),
+        },
     }
     print(json.dumps({k: ("inf" if v == math.inf else v) for k, v in result.items()}))
     return 0

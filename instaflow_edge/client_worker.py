@@ -65,8 +65,8 @@ def export(client: str, model: str, out: Path, hybrid: list[str] | None, samples
             bits=8, quant_method="hybrid", dataset=hybrid, num_samples=samples
         )
         # its calibration runs the pipeline at the pipeline's defaults, 50 steps with guidance,
-        # which a one-step scheduler cannot take (diffusers' DPM-Solver raises IndexError): run
-        # it where the model runs instead, one step at t = 1000 without guidance
+        # which is not where a one-step model runs: calibrate at one step at t = 1000 without
+        # guidance instead
         generate = OVDiffusionPipeline.__call__
         OVDiffusionPipeline.__call__ = functools.partialmethod(
             generate, num_inference_steps=1, guidance_scale=0.0

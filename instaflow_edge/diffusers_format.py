@@ -26,16 +26,20 @@ from typing import Any
 from instaflow_edge.recipe import PREDICTION
 
 SCHEDULER_FOLDER = "scheduler"
-# One step from pure noise (sigma 1) to the image (sigma 0) that feeds the UNet timestep exactly
-# 1000, in diffusers, optimum-onnx and optimum-intel alike: with flow sigmas, 1001 training steps
-# and a huge shift make its one sigma 1 - 1e-12, so timestep 1000 after truncation (1000 training
-# steps give 999; a shift of 1e20 rounds the sigma to 1.0 and gives 1001). FlowMatchEuler would be
-# the natural choice but has no `init_noise_sigma`, which the Stable Diffusion pipelines read.
+# One step from pure noise to the image that feeds the UNet timestep exactly 1000, in diffusers,
+# optimum-onnx and optimum-intel alike, and more steps that still run: with flow sigmas and 1001
+# training steps, a shift of 2 maps the first sigma to 1 - 1/2001 (timestep 1000 after truncation;
+# 1000 training steps give 999) and keeps the second timestep below 1000 up to 1000 steps. A
+# larger shift gives a sigma nearer 1 but the same first timestep twice, and DPM-Solver then
+# starts at its second index and raises IndexError at any step count but one (the clients'
+# default is 50). The one step's sigma, 0.9995 and not 1, leaves (noise - data) / 2001 in the
+# latents. FlowMatchEuler would be the natural choice but has no `init_noise_sigma`, which the
+# Stable Diffusion pipelines read.
 SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "DPMSolverMultistepScheduler",
     "num_train_timesteps": 1001,
     "use_flow_sigmas": True,
-    "flow_shift": 1e9,
+    "flow_shift": 2.0,
     "prediction_type": PREDICTION,
     "final_sigmas_type": "zero",
     "steps_offset": 1,

@@ -3,7 +3,8 @@
 optimum-onnx's `ORTDiffusionPipeline` and optimum-intel's `OVDiffusionPipeline` take our ONNX and
 OpenVINO bundles (fp32, fp16 and quantized), and stock diffusers takes a model folder that
 `save_pretrained` wrote; each, fed our noise as `latents=` with one step and no guidance, makes
-the image our own runtime makes (rows: `clients/matrix.py`). The two optimum clients pin
+the image our own runtime makes (rows: `clients/matrix.py`); at the pipeline's defaults (50 steps
+with guidance, a user's first call) each runs too. The two optimum clients pin
 libraries that fit neither our venv nor each other, so each runs in its own venv
 (`clients/build_venvs.sh`, which `.ci/run` calls); without those venvs these tests skip, except in
 CI, where they fail.
@@ -34,7 +35,10 @@ def test_a_client_makes_our_image(row, bundles, pipeline, tmp_path):
     report = check(row, folder, noise, ours, tmp_path)
     assert report["pipeline"].endswith("StableDiffusionPipeline"), report
     assert report["timesteps"] == [1000.0], report  # the one operating point, exactly
-    if row.method is None:  # fp32: ours is PyTorch's (a model folder: bit-identical)
+    defaults = report["defaults"]  # a user's first call: the pipeline's 50 steps with guidance
+    assert defaults == {**defaults, "steps": 50, "first_timestep": 1000.0, "finite": True}, report
+    assert defaults["shape"] == report["shape"], report
+    if row.method is None:  # fp32: ours is PyTorch's (one step at sigma 1 - 1/2001, not 1)
         assert report["psnr_db"] == "inf" or float(report["psnr_db"]) >= 60, report
         reference = pipeline(PROMPT, noise=pipeline.make_noise([0]), output_type="np")
         assert image_psnr(reference, ours) >= 40

@@ -144,11 +144,43 @@ def test_a_weights_file_missing_a_tensor_is_refused_by_name(tmp_path):
 
 
 def test_the_embedded_default_is_a_stock_diffusers_model(pipeline):
+    """Stock diffusers loads it and makes our image in one step (at sigma 1 - 1/2001, not 1: see
+    diffusers_format), and runs it at the pipeline's defaults too (50 steps with guidance)."""
     import numpy as np
     from diffusers import DiffusionPipeline
 
+    from instaflow_edge.metrics import image_psnr
+
     stock = DiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR)
     prompt = "a red circle above a blue square"
-    out = stock(prompt, latents=pipeline.make_noise([0]), num_inference_steps=1, guidance_scale=0.0)
-    ours = pipeline(prompt, seed=0, output_type="np")[0]
-    np.testing.assert_array_equal(np.asarray(out.images[0]), ours)  # bit for bit
+    out = stock(
+        prompt,
+        latents=pipeline.make_noise([0]),
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        output_type="np",
+    )
+    ours = pipeline(prompt, seed=0, output_type="np")
+    assert image_psnr(ours, (out.images * 255).round().astype(np.uint8)) >= 60
+    default = stock(prompt, output_type="np").images
+    assert default.shape == out.images.shape and np.isfinite(default).all()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 25, 50, 100, 500, 1000])
+def test_the_clients_scheduler_runs_one_step_at_t_1000_and_any_step_count(steps):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from instaflow_edge.diffusers_format import SCHEDULER_CONFIG
+
+    scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps[0] == 1000 and len(scheduler.timesteps) == steps
+    assert float(scheduler.sigmas[0]) > 0.9994 and float(scheduler.sigmas[-1]) == 0
+    noise, data = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    sample = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:  # a straight flow's exact velocity: every schedule ends at data
+        sample = scheduler.step(noise - data, t, sample).prev_sample
+    assert torch.allclose(
+        sample, data + (noise - data) * (1 - float(scheduler.sigmas[0])), atol=1e-4
+    )
