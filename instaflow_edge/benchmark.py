@@ -385,7 +385,6 @@ def _parity(
 def open_peers(
     names: list[str],
     reference: Timed,
-    model: str | None,
     inputs: Inputs,
     parts: list[str],
     cache: Path,
@@ -421,7 +420,7 @@ def open_peers(
             peers.append(Timed(name, session, info, psnr, session.sizes()))
             continue
         with peak_memory() as memory:
-            session = load_peer(name, reference.session, model)
+            session = load_peer(name, reference.session)
             psnr = _parity(session, contract, inputs, parts)
         info = {**reference.info, "precision": name, "peer": PEERS[name]}
         info["peak_rss_mib"] = memory["peak_rss_mib"]

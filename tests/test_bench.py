@@ -224,6 +224,22 @@ def test_the_clients_own_exports_are_timed_beside_the_bundles(capsys, tmp_path):
     assert info["optimum-intel"]["runtime"]["inference_precision"]
 
 
+def test_the_torch_compile_peer_shares_the_references_weights_and_leaves_it_eager(pipeline):
+    import torch
+
+    from instaflow_edge.runtimes.torch_ref import compiled
+
+    peer = compiled(pipeline)
+    assert (
+        peer.unet._orig_mod is pipeline.unet and peer.vae.decoder._orig_mod is pipeline.vae.decoder
+    )
+    assert peer.vae.post_quant_conv is pipeline.vae.post_quant_conv
+    assert peer.text_encoder is pipeline.text_encoder
+    for module in (pipeline.unet, pipeline.vae, pipeline.vae.decoder):  # the reference: eager
+        assert not isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+        assert module._compiled_call_impl is None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: no compiler here")
 def test_the_torch_compile_peer_runs_the_compiled_model(capsys, tmp_path):

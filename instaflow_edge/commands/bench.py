@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     cache = args.cache or default_cache()
     if args.bundle is None:
         planned = benchmark.make_bundles(reference.session.pipeline, planned, cache, skipped)
-    peers = benchmark.open_peers(args.peers, reference, model, inputs, args.components, cache)
+    peers = benchmark.open_peers(args.peers, reference, inputs, args.components, cache)
     try:
         result = benchmark.run_bench(
             reference,
