@@ -1,12 +1,13 @@
-"""NNCF settings for the sd15 UNet's int8-full, each quantized from one fp32 IR and timed (bf16
-where the CPU has it) beside PyTorch fp32, interleaved round by round in one process.
+"""NNCF settings for the sd15 UNet's int8-full (and the hybrid method), each quantized from one
+fp32 IR and timed (bf16 where the CPU has it) beside PyTorch fp32, interleaved round by round in
+one process.
 
 What issue 16 asks of the UNet is >= 4x PyTorch fp32 at >= 35 dB; int8-full (W8A8, NNCF's
 transformer preset) executed in bf16 was at 4.02x and 34.3 dB on an AVX-512 CPU. Each variant
-below changes one setting of the exporter's call. Every variant is quantized in its own child process (NNCF on this UNet
-peaks near 11 GiB) into `--work`, where a rerun finds it; PSNR is measured on `--inputs` prompts
-of the synthetic set (the bench's own first prompt among them) with fresh noise, against the
-PyTorch fp32 UNet.
+below changes one setting of the exporter's call. Every variant is quantized in its own child
+process (NNCF on this UNet peaks near 11 GiB) into `--work`, where a rerun finds it; PSNR is
+measured on `--inputs` prompts of the synthetic set (the bench's own first prompt among them)
+with fresh noise, against the PyTorch fp32 UNet.
 
   python bench/unet_int8_levers.py --bundle OPENVINO_FP32_SD15 --calibration SET --work DIR \
       [--variants first-layer-fix,overflow-fix,...] [--inputs 4] [--runs 3]
@@ -56,11 +57,15 @@ def variants() -> dict[str, dict[str, Any]]:
                 "smooth_quant_alphas": AdvancedSmoothQuantParameters(convolution=0.5, matmul=0.95)
             }
         },
+        # not int8-full but the `hybrid` method (optimum-intel's): int8 activations in the
+        # convolutions only, the MatMuls' weights int8 and their activations as executed
+        "hybrid": {"method": "hybrid"},
     }
 
 
 def quantize_one(bundle: Path, calibration: Path, variant: str, out: Path) -> None:
-    """One variant of the UNet's int8-full, saved at `out` (run in a child process)."""
+    """One variant of the UNet's quantization (int8-full unless it names its method), saved at
+    `out` (run in a child process)."""
     import openvino as ov
 
     from instaflow_edge.calibration import load_calibration
@@ -70,14 +75,10 @@ def quantize_one(bundle: Path, calibration: Path, variant: str, out: Path) -> No
 
     spec = read_manifest(bundle).components["unet"].spec
     model = ov.Core().read_model(bundle / "unet" / MODEL_FILE)
+    settings = dict(variants()[variant])
+    method = settings.pop("method", "int8-full")
     start = time.perf_counter()
-    quantized = nncf_quantize(
-        model,
-        spec,
-        "int8-full",
-        load_calibration(calibration),
-        **variants()[variant],
-    )
+    quantized = nncf_quantize(model, spec, method, load_calibration(calibration), **settings)
     seconds = time.perf_counter() - start
     ov.save_model(quantized, out, compress_to_fp16=False)
     peak = status_mib("VmHWM")
