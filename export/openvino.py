@@ -30,6 +30,15 @@ if TYPE_CHECKING:  # openvino and torch load only when a conversion runs
     from instaflow_edge.calibration import CalibrationSet
 
 MODEL_FILE = "openvino_model.xml"  # its weights: openvino_model.bin beside it
+# What a calibrated method does to each component: "full" (weights and activations int8, from
+# calibration), "hybrid" (optimum-intel's for the UNet: the convolutions' weights and
+# activations int8, the MatMuls' and embeddings' weights only) or "weights" (weights only).
+CALIBRATED_RECIPES: dict[str, dict[str, str]] = {
+    "hybrid": {"unet": "hybrid", "text_encoder": "weights", "vae_decoder": "weights"},
+    # hybrid, and the VAE decoder (three quarters of a one-step model's FLOPs) as int8-full
+    "hybrid-vae": {"unet": "hybrid", "text_encoder": "weights", "vae_decoder": "full"},
+    "int8-full": {"unet": "full", "text_encoder": "full", "vae_decoder": "full"},
+}
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,8 @@ class OpenVinoExportOptions(ExportOptions):
 class OpenVinoExporter(Exporter):
     """PyTorch modules -> `ov.convert_model` -> IR per component.
 
-    Methods: int8-weights, int4-weights (NNCF weight compression of every component), hybrid
-    (the UNet's weights and activations from calibration, the others' weights only), int8-full
-    (W8A8 everywhere, from calibration).
+    Methods: int8-weights, int4-weights (NNCF weight compression of every component), and the
+    calibrated ones of CALIBRATED_RECIPES: hybrid (optimum-intel's), hybrid-vae, int8-full.
     """
 
     target = "openvino"
@@ -55,8 +63,8 @@ class OpenVinoExporter(Exporter):
     converter = "openvino.convert_model from PyTorch"
     export_options = OpenVinoExportOptions
     quantize_options = Int8QuantizeOptions
-    methods = ("int8-weights", "int4-weights", "hybrid", "int8-full")
-    calibrated_methods = ("hybrid", "int8-full")
+    methods = ("int8-weights", "int4-weights", "hybrid", "hybrid-vae", "int8-full")
+    calibrated_methods = ("hybrid", "hybrid-vae", "int8-full")
     presets = {
         "fastest-cpu": Preset(
             why="the fp32 IR executed in bf16 where the CPU has it (OpenVINO's own CPU default), "
@@ -138,7 +146,8 @@ def nncf_quantize(
     from nncf.quantization.advanced_parameters import OverflowFix
 
     name = spec.name
-    if method == "int8-weights" or (method == "hybrid" and name != "unet"):
+    recipe = CALIBRATED_RECIPES.get(method, {}).get(name)
+    if method == "int8-weights" or recipe == "weights":
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     if method == "int4-weights":
         # group size 128 where the channels allow it, else the largest divisor down to 32
@@ -152,7 +161,7 @@ def nncf_quantize(
     dataset = nncf.Dataset(list(calibration.inputs(name, [t.name for t in spec.inputs])))
     overflow_fix = OverflowFix.ENABLE if seven_bit_weights else OverflowFix.FIRST_LAYER
     parameters = {"overflow_fix": overflow_fix, **(advanced or {})}
-    if method == "hybrid":
+    if recipe == "hybrid":
         # optimum-intel's hybrid mode: MatMul/embedding weights int8 (weights only); the
         # convolutions and every activation quantized from calibration data, SmoothQuant off.
         weighted = _ops_with_weights(model)

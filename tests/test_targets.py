@@ -43,6 +43,7 @@ METHODS = [
     ("onnx", "int8-static"),
     ("openvino", "int8-weights"),
     ("openvino", "hybrid"),
+    ("openvino", "hybrid-vae"),
     ("openvino", "int8-full"),
     ("coreml", "palettize-8"),
     ("coreml", "int8-linear"),
@@ -52,6 +53,7 @@ METHODS = [
 SLOW_METHODS = {
     ("openvino", "int8-full"),
     ("openvino", "hybrid"),
+    ("openvino", "hybrid-vae"),
     ("onnx", "int8-dynamic-all"),
     ("coreml", "palettize-8"),
 }
