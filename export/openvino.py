@@ -73,13 +73,14 @@ class OpenVinoExporter(Exporter):
             runtime_options={"inference_precision": "bf16"},
         ),
         "fastest-cpu-int8": Preset(
-            why="int8-full (W8A8, calibrated at t=1000 on 16 prompts of the model's own set) "
-            "executed in bf16: on sd15 UNet 4.02x PyTorch fp32 at 34.3 dB, VAE decoder 4.55x at "
-            "35.2 dB, end to end 4.35x at 32.2 dB on an AVX-512 CPU with 8-bit weights "
-            "(bench/results/bench_sd15_openvino_int8; the 7-bit default came later and was "
-            "measured only on an AVX2 CPU, where bf16 runs as f32); quantizing sd15 peaks at "
-            "13.0 GiB; the embedded default loses more (int8-full: 19 dB), keep fastest-cpu there",
-            method="int8-full",
+            why="hybrid-vae (int8 activations in the UNet's convolutions and the whole VAE "
+            "decoder, the MatMuls' weights int8; calibrated at t=1000 on 16 prompts of the "
+            "model's own set) executed in bf16: on sd15 UNet 4.91x PyTorch fp32 at 37.8 dB, VAE "
+            "decoder 4.80x at 35.0 dB, end to end 4.83x at 32.3 dB on an AVX-512 VNNI CPU "
+            "(bench/results/bench_sd15_openvino_int8_vnni; int8-full is faster there, UNet 5.62x, "
+            "but at 34.2 dB); on the embedded default the int8 methods miss validate's 25 dB "
+            "gate (24 dB), keep fastest-cpu there",
+            method="hybrid-vae",
             runtime_options={"inference_precision": "bf16"},
             calibration_prompts=16,
         ),

@@ -216,11 +216,11 @@ def test_the_calibrated_preset_records_its_own_calibration_set_and_int8_in_bf16(
     )
     assert status == 0
     manifest = read_manifest(bundle)
-    assert (manifest.quantization, manifest.details["preset"]) == ("int8-full", "fastest-cpu-int8")
+    assert (manifest.quantization, manifest.details["preset"]) == ("hybrid-vae", "fastest-cpu-int8")
     assert manifest.runtime_options == {"inference_precision": "bf16"}
     assert manifest.details["parity"]["gates"]["basis"] == "quantized"
     assert not list(tmp_path.glob(".*"))  # its source bundle and calibration set are gone
     # a calibration set of the user's own instead
     status = main(["export", "--target", "openvino", "--preset", "fastest-cpu-int8"]
                   + ["--calibration", str(calibration), "-o", str(tmp_path / "theirs")])  # fmt: skip
-    assert status == 0 and read_manifest(tmp_path / "theirs").quantization == "int8-full"
+    assert status == 0 and read_manifest(tmp_path / "theirs").quantization == "hybrid-vae"
