@@ -289,6 +289,7 @@ class Exporter(ABC):
             )
             write_manifest(staging, manifest)
             self._check(staging, manifest, reference, "PyTorch", gates, device)
+        return_freed_memory()  # the caller goes on with the model (bench): not beside our garbage
         return Path(out_dir)
 
     def quantize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,9 +41,11 @@ def status_mib(field: str, process: int | str = "self") -> float | None:
 
 
 def return_freed_memory() -> None:
-    """Hand the memory Python and the libraries freed back to the system (glibc's malloc_trim):
-    freed small blocks otherwise stay in the process's heap and count in its resident memory
-    until the next peak is added on top of them."""
+    """Free what only reference cycles still hold (a traced graph's, say), then hand the memory
+    Python and the libraries freed back to the system (glibc's malloc_trim): freed small blocks
+    otherwise stay in the process's heap and count in its resident memory until the next peak is
+    added on top of them."""
+    gc.collect()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -95,7 +94,6 @@ class OneStepPipeline:
         no longer run."""
         for name in modules:
             getattr(self, name).to("meta")
-        gc.collect()
         return_freed_memory()
 
     # -- shapes and recipe --------------------------------------------------------------------
