@@ -63,8 +63,8 @@ class OpenVinoExporter(Exporter):
     converter = "openvino.convert_model from PyTorch"
     export_options = OpenVinoExportOptions
     quantize_options = Int8QuantizeOptions
-    methods = ("int8-weights", "int4-weights", "hybrid", "hybrid-vae", "int8-full")
-    calibrated_methods = ("hybrid", "hybrid-vae", "int8-full")
+    calibrated_methods = tuple(CALIBRATED_RECIPES)
+    methods = ("int8-weights", "int4-weights", *calibrated_methods)
     presets = {
         "fastest-cpu": Preset(
             why="the fp32 IR executed in bf16 where the CPU has it (OpenVINO's own CPU default), "
