@@ -48,7 +48,10 @@ def build_calibration(
                         recorded.setdefault(f"{component}/{name}", []).append(value)
                 progress.update(batch.stop - batch.start)
             name = f"shard-{len(shards):05d}.safetensors"
-            save_file({k: np.concatenate(v) for k, v in recorded.items()}, staging / name)
+            # safetensors' numpy writer stores an array's memory as it lies: PyTorch's CPU
+            # convolutions return a batch channels-last, which it would write transposed
+            tensors = {k: np.ascontiguousarray(np.concatenate(v)) for k, v in recorded.items()}
+            save_file(tensors, staging / name)
             shards.append(name)
         progress.close()
         write_calibration(staging, pipeline.source, prompts, seeds, shards)

@@ -73,3 +73,19 @@ def test_calibrate_command_writes_a_set_quantizers_read(tmp_path):
     assert all((feed["timestep"] == 1000.0).all() for feed in calibration.inputs("unet", names))
     assert_one_line_error(run_cli(*args), "already exists")
     assert_one_line_error(run_cli(*args[:-1], str(tmp_path / "x"), "--limit", "0"), "--limit")
+
+
+def test_a_set_records_each_sample_as_the_reference_computes_it_alone(pipeline, tmp_path):
+    """A set recorded in batches holds, per sample, exactly the tensors a batch-1 run gives (the
+    VAE decoder's batched output is channels-last in memory, once written transposed)."""
+    from instaflow_edge.calibration.builder import build_calibration
+    from instaflow_edge.metrics import tensor_metrics
+
+    prompts = load_prompts("synthetic", limit=3)
+    calibration = load_calibration(build_calibration(pipeline, prompts, tmp_path / "set"))
+    for index, prompt in enumerate(prompts):
+        alone = pipeline.component_io(pipeline.tokenize([prompt]), pipeline.make_noise([index]))
+        for component, tensors in alone.items():
+            recorded = list(calibration.samples(component))[index]
+            for name, value in tensors.items():
+                assert tensor_metrics(value, recorded[name])["psnr_db"] > 100, (component, name)
