@@ -134,10 +134,13 @@ class OnnxExporter(Exporter):
                 job.notes["fp32_nodes"] = kept
         elif job.method == "int8-static":
             feeds = calibration_feeds(job.calibration, job.spec)
-            quantize_static_qdq(job.source, job.dest, feeds, job.options)
+            float_inputs = COMPONENTS[job.spec.name].float_inputs
+            quantize_static_qdq(job.source, job.dest, feeds, job.options, float_inputs)
         else:
             all_ops = job.method == "int8-dynamic-all"
-            quantize_dynamic_int8(job.source, job.dest, all_ops, job.options.seven_bit_weights)
+            kept_float = nodes_reading(job.source, COMPONENTS[job.spec.name].float_inputs)
+            seven_bit = job.options.seven_bit_weights
+            quantize_dynamic_int8(job.source, job.dest, all_ops, seven_bit, kept_float)
         return True
 
 
@@ -326,9 +329,20 @@ def _finite(path: Path, feeds: dict[str, np.ndarray]) -> bool:
 
 
 # -- int8 -----------------------------------------------------------------------------------------
-def quantize_dynamic_int8(source: Path, dest: Path, all_ops: bool, seven_bit: bool) -> Path:
+def nodes_reading(path: Path, inputs: tuple[str, ...]) -> list[str]:
+    """The nodes of a graph that read the named graph inputs: kept float when activations are
+    quantized, as `Component.float_inputs` says why."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [node.name for node in graph.node if set(node.input) & set(inputs)]
+
+
+def quantize_dynamic_int8(
+    source: Path, dest: Path, all_ops: bool, seven_bit: bool, kept_float: list[str]
+) -> Path:
     """Dynamic int8: weights int8 (7-bit if asked), activations quantized at run time; MatMul
-    only unless all_ops."""
+    only unless all_ops; the `kept_float` nodes not at all."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -337,16 +351,22 @@ def quantize_dynamic_int8(source: Path, dest: Path, all_ops: bool, seven_bit: bo
         op_types_to_quantize=None if all_ops else ["MatMul"],
         weight_type=QuantType.QInt8,
         reduce_range=seven_bit,
+        nodes_to_exclude=kept_float,
         use_external_data_format=_has_external_data(source),
     )
     return dest
 
 
 def quantize_static_qdq(
-    source: Path, dest: Path, feeds: Iterator[dict[str, np.ndarray]], options: OnnxQuantizeOptions
+    source: Path,
+    dest: Path,
+    feeds: Iterator[dict[str, np.ndarray]],
+    options: OnnxQuantizeOptions,
+    float_inputs: tuple[str, ...] = (),
 ) -> Path:
     """Static int8 QDQ of Conv/MatMul/Gemm: per-channel int8 weights (7-bit if asked), uint8
-    activations whose ranges come from the calibration feeds."""
+    activations whose ranges come from the calibration feeds; the ops reading `float_inputs`
+    stay float (`Component.float_inputs` says why)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -370,6 +390,7 @@ def quantize_static_qdq(
         all_tensors_to_one_file=True,
         external_data_location=f"{prepared.name}.data",
     )
+    kept_float = nodes_reading(prepared, float_inputs)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
     with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator print()s
         quantize_static(
@@ -385,6 +406,7 @@ def quantize_static_qdq(
             weight_type=QuantType.QInt8,
             calibrate_method=method[options.calibration_method],
             reduce_range=options.seven_bit_weights,
+            nodes_to_exclude=kept_float,
             use_external_data_format=external,
         )
     for leftover in dest.parent.glob(f".{dest.stem}.pre.onnx*"):

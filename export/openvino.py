@@ -162,6 +162,7 @@ def nncf_quantize(
     dataset = nncf.Dataset(list(calibration.inputs(name, [t.name for t in spec.inputs])))
     overflow_fix = OverflowFix.ENABLE if seven_bit_weights else OverflowFix.FIRST_LAYER
     parameters = {"overflow_fix": overflow_fix, **(advanced or {})}
+    kept_float = _ops_reading(model, COMPONENTS[name].float_inputs)
     if recipe == "hybrid":
         # optimum-intel's hybrid mode: MatMul/embedding weights int8 (weights only); the
         # convolutions and every activation quantized from calibration data, SmoothQuant off.
@@ -176,7 +177,7 @@ def nncf_quantize(
             dataset,
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=weighted, validate=False),
+            ignored_scope=nncf.IgnoredScope(names=weighted + kept_float, validate=False),
             advanced_parameters=nncf.AdvancedQuantizationParameters(
                 smooth_quant_alpha=-1, **parameters
             ),
@@ -186,8 +187,24 @@ def nncf_quantize(
         dataset,
         model_type=None if name == "vae_decoder" else nncf.ModelType.TRANSFORMER,
         subset_size=len(calibration),
+        ignored_scope=nncf.IgnoredScope(names=kept_float, validate=False),
         advanced_parameters=nncf.AdvancedQuantizationParameters(**parameters),
     )
+
+
+def _ops_reading(model: ov.Model, inputs: tuple[str, ...]) -> list[str]:
+    """The ops that read the named inputs (through type conversions): kept float, as
+    `Component.float_inputs` says why."""
+    reading = []
+    pending = [p.output(0) for p in model.get_parameters() if p.output(0).get_names() & set(inputs)]
+    while pending:
+        for consumer in pending.pop().get_target_inputs():
+            node = consumer.get_node()
+            if node.get_type_name() == "Convert":
+                pending.append(node.output(0))
+            else:
+                reading.append(node.get_friendly_name())
+    return reading
 
 
 def _ops_with_weights(model: ov.Model) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from instaflow_edge.manifest import library_versions
-from instaflow_edge.runtimes.base import Session
+from instaflow_edge.runtimes.base import CONTRACT_DTYPES, Session
 
 END_TO_END = "end_to_end"
 # CPU flags that decide which kernels the runtimes pick (vector width, int8 dot products, bf16, AMX)
@@ -70,13 +70,16 @@ def compare_latency(
     runs: int,
     warmup: int,
 ) -> dict[str, Any]:
-    """Time each component (the bundle's feeds; the reference gets them as float32) and end to end.
+    """Time each component (the bundle's feeds; the reference gets them in the contract's
+    dtypes: a Core ML text encoder takes its token ids as float32) and end to end.
 
     `feeds`: component -> the bundle's inputs for one call. A row's ratio is bundle / PyTorch.
     """
     calls: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
     for component, inputs in feeds.items():
-        reference_inputs = {name: _as_reference(value) for name, value in inputs.items()}
+        reference_inputs = {
+            name: value.astype(CONTRACT_DTYPES[component, name]) for name, value in inputs.items()
+        }
         calls[component] = (
             bundle.prepare(component, inputs),
             reference.prepare(component, reference_inputs),
@@ -137,7 +140,3 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def _as_reference(value: np.ndarray) -> np.ndarray:
-    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from instaflow_edge.components import COMPONENTS, ComponentSpec, ModelShapes
+from instaflow_edge.components import ComponentSpec, ModelShapes, component_specs
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest, SamplingRecipe, verify_bundle
 from instaflow_edge.options import Options, option
@@ -23,11 +23,12 @@ from instaflow_edge.recipe import one_step, require_finite, to_uint8
 logger = logging.getLogger(__name__)
 
 
-# (component, output) -> the dtype every session returns, whatever the graph computes in
+# (component, tensor) -> its dtype in the contract: what every session returns, whatever the
+# graph computes in, and what the PyTorch reference takes, whatever a graph takes
 CONTRACT_DTYPES = {
     (name, tensor.name): tensor.dtype
-    for name, component in COMPONENTS.items()
-    for tensor in component.spec(ModelShapes(1, 1, 1, 1, 1)).outputs
+    for name, spec in component_specs(ModelShapes(1, 1, 1, 1, 1), fused=True).items()
+    for tensor in (*spec.inputs, *spec.outputs)
 }
 
 

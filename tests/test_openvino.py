@@ -16,6 +16,7 @@ from instaflow_edge.calibration.prompts import load_prompts
 from instaflow_edge.cli import main
 from instaflow_edge.errors import UserError
 from instaflow_edge.export import get_exporter
+from instaflow_edge.gates import GateFailed
 from instaflow_edge.manifest import read_manifest
 from instaflow_edge.metrics import image_psnr
 from instaflow_edge.runtimes import RuntimeUnavailable, load_session
@@ -91,13 +92,22 @@ def test_fp16_dynamic_batch_fused_export(
 
 
 @pytest.mark.slow
-def test_int4_weights_image_psnr(exporter, fp32_bundle, inputs, reference, tmp_path):
-    # gate lowered: int4 can miss the 25 dB default on the check prompt
-    gates = {"min_image_psnr_db": 20}
-    bundle = exporter.quantize(fp32_bundle, tmp_path / "int4", "int4-weights", gate_overrides=gates)
-    # the trained default loses more to 4 bits on these 3 prompts (22.5 dB) than on the bench's 8
-    # held-out prompts (30.1 dB): int4 can miss the 25 dB gate, and validate then says so
-    assert end_to_end_psnr(bundle, inputs, reference) >= 20
+def test_int4_weights_are_refused_where_they_break_the_image(exporter, fp32_bundle, tmp_path):
+    # the embedded default's narrow layers lose too much to 4 bits: 13 dB images on the check
+    # prompts (one of them alone gave 22.5 dB, which a lowered gate let through)
+    with pytest.raises(GateFailed, match="int4-weights bundle missed its parity gates"):
+        exporter.quantize(fp32_bundle, tmp_path / "int4", "int4-weights")
+    assert not (tmp_path / "int4").exists()
+    gates_off = {"min_image_psnr_db": None, "min_unet_cosine": None}
+    bundle = exporter.quantize(
+        fp32_bundle, tmp_path / "int4", "int4-weights", gate_overrides=gates_off
+    )
+    import openvino as ov
+
+    unet = ov.Core().read_model(bundle / "unet" / "openvino_model.xml")
+    constants = [op for op in unet.get_ops() if op.get_type_name() == "Constant"]
+    assert ov.Type.u4 in {op.get_element_type() for op in constants}
+    assert read_manifest(bundle).details["parity"]["gates"]["min_image_psnr_db"] is None
 
 
 @pytest.mark.slow

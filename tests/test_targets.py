@@ -24,6 +24,7 @@ from instaflow_edge import export as export_package
 from instaflow_edge import runtimes as runtimes_package
 from instaflow_edge.calibration.builder import build_calibration
 from instaflow_edge.calibration.prompts import load_prompts
+from instaflow_edge.cli import main
 from instaflow_edge.components import COMPONENTS, RECIPE
 from instaflow_edge.errors import UserError
 from instaflow_edge.export import get_exporter, target_names
@@ -119,6 +120,17 @@ def test_export_records_parity_through_its_runtime_and_passes_the_gates(bundles,
             and all(check["passed"] for check in part["checks"])
             or (not part["checks"] and "image_psnr_db" in part)
         )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_validate_passes_what_export_wrote(bundles, target, tmp_path):
+    """`validate` at its defaults, as a user runs it, on every target's bundle (it once stopped
+    with a traceback on Core ML's: its text encoder takes the token ids as float32, and the
+    PyTorch reference was timed on them)."""
+    report = tmp_path / "report"
+    validate = ["validate", "--bundle", str(bundles(target)), "--runs", "1", "--warmup", "0"]
+    assert main([*validate, "--report", str(report)]) == 0, failed_gates(report)
+    assert json.loads((report / "report.json").read_text())["latency"]["rows"]
 
 
 def _held_at_each_conversion(monkeypatch, exporter, model) -> dict[str, set[str]]:
@@ -402,6 +414,67 @@ def test_quantized_bundle_keeps_the_contract(
         assert manifest.details["calibration"]["samples"] == 8
     ids, noise, _, images = unseen
     assert image_psnr(images, load_session(bundle, fused=False).generate(ids, noise)) >= 25
+    # what quantize wrote, validate passes at its defaults (once 24 dB, on its worst prompt 10 dB,
+    # when quantize checked one prompt and the int8 methods rounded the UNet's input noise)
+    report = tmp_path / "report"
+    validate = ["validate", "--bundle", str(bundle), "--runs", "1", "--warmup", "0"]
+    assert main([*validate, "--report", str(report)]) == 0, failed_gates(report)
+
+
+@pytest.mark.parametrize(
+    ("target", "method"),
+    [
+        ("onnx", "int8-static"),
+        ("onnx", "int8-dynamic-all"),
+        *(("openvino", m) for m in ("hybrid", "hybrid-vae", "int8-full")),
+    ],
+)
+def test_int8_activations_leave_the_unets_input_noise_unrounded(
+    bundles, calibration, target, method, tmp_path
+):
+    """At t=1000 the UNet's output carries its input noise through (Component.float_inputs):
+    every method that quantizes activations leaves the ops reading it float."""
+    exporter = get_exporter(target)
+    given = calibration if method in exporter.calibrated_methods else None
+    bundle = exporter.quantize(bundles(target), tmp_path / method, method, given)
+    path = bundle / read_manifest(bundle).components["unet"].file
+    assert readers_of(path, "sample", target) == {"Convolution" if target == "openvino" else "Conv"}
+    assert quantizes_activations(path, target)  # and the rest is int8
+
+
+def readers_of(path: Path, tensor: str, target: str) -> set[str]:
+    """The op types reading a graph input directly (past type conversions; not its shape)."""
+    if target == "onnx":
+        import onnx
+
+        nodes = onnx.load(path, load_external_data=False).graph.node
+        return {n.op_type for n in nodes if tensor in n.input and n.op_type != "Shape"}
+    import openvino as ov
+
+    model = ov.Core().read_model(path)
+    pending = [p.output(0) for p in model.get_parameters() if tensor in p.output(0).get_names()]
+    readers = set()
+    while pending:
+        for port in pending.pop().get_target_inputs():
+            kind = port.get_node().get_type_name()
+            if kind == "Convert":
+                pending.append(port.get_node().output(0))
+            elif kind != "ShapeOf":
+                readers.add(kind)
+    return readers
+
+
+def quantizes_activations(path: Path, target: str) -> bool:
+    if target == "openvino":
+        return "FakeQuantize" in path.read_text()
+    import onnx
+
+    quantizing = {"QuantizeLinear", "DynamicQuantizeLinear"}
+    return any(n.op_type in quantizing for n in onnx.load(path).graph.node)
+
+
+def failed_gates(report: Path) -> list[str]:
+    return json.loads((report / "report.json").read_text())["failures"]
 
 
 def largest_int8_weight(bundle: Path) -> int:
@@ -442,8 +515,6 @@ def test_int8_methods_write_7_bit_weights_unless_told_not_to(
     """CPUs without VNNI (AVX2 only) saturate the 16-bit sums of uint8 x int8 products: 7-bit
     weights (ONNX Runtime's reduce_range, NNCF's overflow fix) keep what was calibrated there,
     so a bundle computes the same on every x86 CPU; the option says so in the manifest."""
-    from instaflow_edge.cli import main
-
     exporter = get_exporter(target)
     given = calibration if method in exporter.calibrated_methods else None
     seven = exporter.quantize(bundles(target), tmp_path / "7", method, given)
