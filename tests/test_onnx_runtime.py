@@ -17,6 +17,7 @@ from tests.conftest import assert_one_line_error, run_cli
 
 PROMPT = "a red circle above a blue square"
 HAS_CUDA = cuda_available()
+NEEDS_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
 
 BLOCK_TORCH = """
 import sys
@@ -112,13 +113,38 @@ def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(onnx_bundle, ca
     assert "CUDA" in caplog.text and "running on" in caplog.text
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
+@NEEDS_CUDA
 def test_cuda_session_runs_on_cuda_with_parity(onnx_bundle, pipeline):
     session = OnnxRuntime().load(onnx_bundle, "cuda")
     assert session.executed_on == CUDA
     ids, noise = pipeline.tokenize([PROMPT]).numpy(), pipeline.make_noise([0]).numpy()
     reference = pipeline(PROMPT, seed=0, output_type="np")
     assert np.abs(session.generate(ids, noise).astype(int) - reference).max() <= 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_cuda_graph_refills_one_set_of_buffers_per_graph(onnx_bundle, pipeline, device, caplog):
+    """A captured CUDA graph replays on the buffers it was captured with: each call must refill
+    them (a stale one would give the first call's image again); on the CPU they are kept too,
+    nothing is captured, and the log says so."""
+    from instaflow_edge.errors import UserError
+
+    plain = OnnxRuntime().load(onnx_bundle, device)
+    graphed = OnnxRuntime().load(onnx_bundle, device, cuda_graph=True)
+    assert ("nothing is captured" in caplog.text) == (device == "cpu")
+    images = []
+    for prompt, seed in ((PROMPT, 0), ("two small green triangles", 7)):
+        ids, noise = pipeline.tokenize([prompt]).numpy(), pipeline.make_noise([seed]).numpy()
+        images.append(graphed.generate(ids, noise))
+        assert np.abs(images[-1].astype(int) - plain.generate(ids, noise)).max() <= 1
+        feeds = plain.component_io(ids, noise)["unet"]
+        feeds = {t.name: feeds[t.name] for t in graphed.specs["unet"].inputs}
+        assert graphed.prepare("unet", feeds)() is graphed.prepare("unet", feeds)()  # one binding
+    assert not np.array_equal(*images)
+    with pytest.raises(
+        UserError, match=r"with cuda_graph, \w+ runs the input shapes of its first call"
+    ):
+        graphed.generate(pipeline.tokenize(["a", "b"]).numpy(), pipeline.make_noise([0, 1]).numpy())
 
 
 def test_unknown_component_and_missing_input_are_user_errors(onnx_bundle):
