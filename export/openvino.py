@@ -75,11 +75,11 @@ class OpenVinoExporter(Exporter):
         "fastest-cpu-int8": Preset(
             why="hybrid-vae (int8 activations in the UNet's convolutions and the whole VAE "
             "decoder, the MatMuls' weights int8; calibrated at t=1000 on 16 prompts of the "
-            "model's own set) executed in bf16: on sd15 UNet 4.91x PyTorch fp32 at 37.8 dB, VAE "
-            "decoder 4.80x at 35.0 dB, end to end 4.83x at 32.3 dB on an AVX-512 VNNI CPU "
-            "(bench/results/bench_sd15_openvino_int8_vnni; int8-full is faster there, UNet 5.62x, "
-            "but at 34.2 dB); on the embedded default the int8 methods miss validate's 25 dB "
-            "gate (24 dB), keep fastest-cpu there",
+            "model's own set) executed in bf16: on sd15 UNet 4.93x PyTorch fp32 at 38.1 dB, VAE "
+            "decoder 4.97x at 35.0 dB, end to end 5.10x at 32.4 dB on an AVX-512 VNNI CPU "
+            "(bench/results/bench_sd15_openvino_int8_vnni; int8-full is faster there, UNet 5.60x, "
+            "but at 34.3 dB); on the embedded default end to end 3.00x at 32.0 dB "
+            "(bench/results/bench_tiny)",
             method="hybrid-vae",
             runtime_options={"inference_precision": "bf16"},
             calibration_prompts=16,

@@ -111,12 +111,9 @@ def test_int4_weights_are_refused_where_they_break_the_image(exporter, fp32_bund
 
 
 @pytest.mark.slow
-# the embedded default loses more to int8-full than to the hybrids (README: 19 dB on one prompt)
-@pytest.mark.parametrize(
-    ("method", "min_image_psnr"), [("hybrid", 25), ("hybrid-vae", 25), ("int8-full", 20)]
-)
+@pytest.mark.parametrize("method", ["hybrid", "hybrid-vae", "int8-full"])
 def test_calibrated_methods_quantize_the_activations_their_recipe_names(
-    pipeline, exporter, calibration, inputs, reference, method, min_image_psnr, tmp_path
+    pipeline, exporter, calibration, inputs, reference, method, tmp_path
 ):
     from instaflow_edge.export.openvino import CALIBRATED_RECIPES
 
@@ -128,7 +125,8 @@ def test_calibrated_methods_quantize_the_activations_their_recipe_names(
         graph = (bundle / name / "openvino_model.xml").read_text()
         # activations are quantized (FakeQuantize) where the recipe says, else weights only
         assert ("FakeQuantize" in graph) == (recipe != "weights"), (name, recipe)
-    assert end_to_end_psnr(bundle, inputs, reference) >= min_image_psnr
+    # int8-full was at 19 dB on one of these prompts while it rounded the UNet's input noise
+    assert end_to_end_psnr(bundle, inputs, reference) >= 25
 
 
 def test_devices_and_options(fp32_bundle, tmp_path):
