@@ -238,8 +238,11 @@ class OnnxSession(BundleSession):
             batch = len(next(iter(values.values())))
             binding = self.graph(component).io_binding()
             inputs = {}
-            for name, value in values.items():
-                inputs[name] = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+            for name, value in values.items():  # buffers of their own: never the caller's array
+                inputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                    value.shape, value.dtype, self._device, 0
+                )
+                inputs[name].update_inplace(value)
                 binding.bind_ortvalue_input(name, inputs[name])
             for spec in self.specs[component].outputs:
                 shape = [batch if d == BATCH else d for d in spec.shape]

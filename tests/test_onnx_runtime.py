@@ -132,15 +132,17 @@ def test_cuda_graph_refills_one_set_of_buffers_per_graph(onnx_bundle, pipeline, 
     plain = OnnxRuntime().load(onnx_bundle, device)
     graphed = OnnxRuntime().load(onnx_bundle, device, cuda_graph=True)
     assert ("nothing is captured" in caplog.text) == (device == "cpu")
-    images = []
+    images, given = [], []
     for prompt, seed in ((PROMPT, 0), ("two small green triangles", 7)):
         ids, noise = pipeline.tokenize([prompt]).numpy(), pipeline.make_noise([seed]).numpy()
+        given.append((ids, noise, noise.copy()))
         images.append(graphed.generate(ids, noise))
         assert np.abs(images[-1].astype(int) - plain.generate(ids, noise)).max() <= 1
         feeds = plain.component_io(ids, noise)["unet"]
         feeds = {t.name: feeds[t.name] for t in graphed.specs["unet"].inputs}
         assert graphed.prepare("unet", feeds)() is graphed.prepare("unet", feeds)()  # one binding
     assert not np.array_equal(*images)
+    assert np.array_equal(given[0][1], given[0][2])  # the buffers are not the caller's arrays
     with pytest.raises(
         UserError, match=r"with cuda_graph, \w+ runs the input shapes of its first call"
     ):
