@@ -24,7 +24,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a setting of the bundle's runtime (repeatable): onnxruntime threads, spinning, "
-        "graph_optimization, memory_arena; openvino inference_precision (f32|f16|bf16|default), threads, "
+        "graph_optimization, memory_arena, cuda_graph; openvino inference_precision "
+        "(f32|f16|bf16|default), threads, "
         "performance_hint, cache_dir; coreml compute_units, require_device; all: fused, "
         "reduce_memory (one graph held at a time: sd15's peak is the UNet's alone)",
     )
