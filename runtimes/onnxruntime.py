@@ -138,11 +138,10 @@ def _session_options(ort, component: str, options: OnnxRuntimeOptions):
 
 @dataclass
 class KeptBinding:
-    """One graph's binding to buffers kept across calls (cuda_graph), and its input shapes."""
+    """One graph's binding to buffers kept across calls (cuda_graph)."""
 
     binding: object
     inputs: dict[str, object]  # input name -> its OrtValue on the session's device
-    shapes: dict[str, tuple[int, ...]]
 
 
 class OnnxSession(BundleSession):
@@ -252,14 +251,13 @@ class OnnxSession(BundleSession):
                         shape, np.dtype(spec.dtype), self._device, 0
                     ),
                 )
-            shapes = {name: value.shape for name, value in values.items()}
-            kept = self._kept[component] = KeptBinding(binding, inputs, shapes)
+            kept = self._kept[component] = KeptBinding(binding, inputs)
             return kept
         for name, value in values.items():
-            if value.shape != kept.shapes[name]:
+            if list(value.shape) != kept.inputs[name].shape():
                 raise UserError(
                     f"with cuda_graph, {component} runs the input shapes of its first call: "
-                    f"{name} was {list(kept.shapes[name])}, now {list(value.shape)} (load "
+                    f"{name} was {kept.inputs[name].shape()}, now {list(value.shape)} (load "
                     "another session for another batch size)"
                 )
             kept.inputs[name].update_inplace(value)
