@@ -8,6 +8,8 @@ model never sees and so sets activation ranges for the wrong inputs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,24 +185,60 @@ def nncf_quantize(
             mode=nncf.CompressWeightsMode.INT8_ASYM,
             ignored_scope=nncf.IgnoredScope(types=["Convolution"]),
         )
+        with _own_outputs_last(model):
+            return nncf.quantize(
+                model,
+                dataset,
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(calibration),
+                ignored_scope=nncf.IgnoredScope(names=weighted + kept_float, validate=False),
+                advanced_parameters=nncf.AdvancedQuantizationParameters(
+                    smooth_quant_alpha=-1, **parameters
+                ),
+            )
+    with _own_outputs_last(model):
         return nncf.quantize(
             model,
             dataset,
-            model_type=nncf.ModelType.TRANSFORMER,
+            model_type=None if name == "vae_decoder" else nncf.ModelType.TRANSFORMER,
             subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=weighted + kept_float, validate=False),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                smooth_quant_alpha=-1, **parameters
-            ),
+            ignored_scope=nncf.IgnoredScope(names=kept_float, validate=False),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(**parameters),
         )
-    return nncf.quantize(
-        model,
-        dataset,
-        model_type=None if name == "vae_decoder" else nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration),
-        ignored_scope=nncf.IgnoredScope(names=kept_float, validate=False),
-        advanced_parameters=nncf.AdvancedQuantizationParameters(**parameters),
-    )
+
+
+@contextmanager
+def _own_outputs_last(model: ov.Model) -> Iterator[None]:
+    """While NNCF runs the models it builds from `model`, list `model`'s own outputs after the
+    statistics' outputs that NNCF adds. OpenVINO's CPU plugin runs a graph in the order of its
+    outputs, and NNCF lists the model's own first: the whole graph then ran before any statistic
+    was taken, so every activation stayed alive until its statistic was (sd15's VAE decoder:
+    the statistics model's inference held 8.0 GiB, 1.5 GiB with its own output last; the
+    statistics are the same)."""
+    import openvino as ov
+    from nncf.openvino.engine import OVNativeEngine
+
+    own = {result.get_friendly_name() for result in model.get_results()}
+    compile_model = OVNativeEngine.__init__
+
+    def compile_reordered(engine: OVNativeEngine, graph: ov.Model, *args: Any, **kwargs: Any):
+        results = graph.get_results()
+        last = [r for r in results if r.get_friendly_name() in own]
+        first = [r for r in results if r.get_friendly_name() not in own]
+        if first and last:
+            graph = ov.Model(
+                results=first + last,
+                sinks=graph.get_sinks(),
+                parameters=graph.get_parameters(),
+                name=graph.friendly_name,
+            )
+        compile_model(engine, graph, *args, **kwargs)
+
+    OVNativeEngine.__init__ = compile_reordered
+    try:
+        yield
+    finally:
+        OVNativeEngine.__init__ = compile_model
 
 
 def _ops_reading(model: ov.Model, inputs: tuple[str, ...]) -> list[str]:
