@@ -392,7 +392,8 @@ def quantize_static_qdq(
     )
     kept_float = nodes_reading(prepared, float_inputs)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-    with contextlib.redirect_stdout(io.StringIO()):  # the percentile calibrator print()s
+    # the percentile calibrator print()s
+    with contextlib.redirect_stdout(io.StringIO()), _statistics_as_activations_are_made():
         quantize_static(
             prepared,
             dest,
@@ -412,6 +413,35 @@ def quantize_static_qdq(
     for leftover in dest.parent.glob(f".{dest.stem}.pre.onnx*"):
         leftover.unlink()
     return dest
+
+
+@contextlib.contextmanager
+def _statistics_as_activations_are_made() -> Iterator[None]:
+    """Run ONNX Runtime's calibration graphs in its priority-based order. The calibrator adds a
+    ReduceMin and a ReduceMax after every tensor it calibrates; in the default order they ran
+    after the rest of the graph, so every activation stayed alive until its statistic was taken
+    (sd15's VAE decoder: 5.6 GiB for one calibration run, 2.9 GiB in priority order; the same
+    ops on the same inputs, so the same ranges)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    open_session = CalibraterBase.create_inference_session
+
+    def open_in_priority_order(calibrator: CalibraterBase) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        calibrator.infer_session = ort.InferenceSession(
+            calibrator.augmented_model_path,
+            sess_options=options,
+            providers=calibrator.execution_providers,
+        )
+
+    CalibraterBase.create_inference_session = open_in_priority_order
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = open_session
 
 
 def calibration_feeds(calibration, spec: ComponentSpec) -> Iterator[dict[str, np.ndarray]]:

@@ -145,7 +145,7 @@ def test_compression_leaves_no_temporary_packages(fp16_bundle, tmp_path, monkeyp
     scratch = tmp_path / "system-tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    get_exporter("coreml").quantize(fp16_bundle, tmp_path / "p8", "palettize-8")
+    get_exporter("coreml").quantize(fp16_bundle, tmp_path / "i8", "int8-linear")
     assert list(scratch.iterdir()) == []
     assert tempfile.gettempdir() == str(scratch)  # restored
 

@@ -111,15 +111,21 @@ def test_int4_weights_are_refused_where_they_break_the_image(exporter, fp32_bund
     assert read_manifest(bundle).details["parity"]["gates"]["min_image_psnr_db"] is None
 
 
+@pytest.fixture(scope="module")
+def fused_bundle(pipeline, exporter, tmp_path_factory):
+    return exporter.export(
+        pipeline, tmp_path_factory.mktemp("fused") / "b", "fp32", {"fused": True}
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["hybrid", "hybrid-vae", "int8-full"])
 def test_calibrated_methods_quantize_the_activations_their_recipe_names(
-    pipeline, exporter, calibration, inputs, reference, method, tmp_path
+    exporter, fused_bundle, calibration, inputs, reference, method, tmp_path
 ):
     from instaflow_edge.export.openvino import CALIBRATED_RECIPES
 
-    fused = exporter.export(pipeline, tmp_path / "fused", "fp32", {"fused": True})
-    bundle = exporter.quantize(fused, tmp_path / method, method, calibration)
+    bundle = exporter.quantize(fused_bundle, tmp_path / method, method, calibration)
     manifest = read_manifest(bundle)
     assert sorted(manifest.components) == ["text_encoder", "unet", "vae_decoder"]  # no generator
     for name, recipe in CALIBRATED_RECIPES[method].items():
@@ -132,14 +138,18 @@ def test_calibrated_methods_quantize_the_activations_their_recipe_names(
 
 @pytest.mark.parametrize("method", ["hybrid", "int8-full"])
 def test_quantization_takes_each_statistic_before_the_graph_runs_on(
-    fp32_bundle, calibration, method, monkeypatch
+    fp32_bundle, calibration, method, monkeypatch, tmp_path
 ):
     """OpenVINO's CPU plugin runs a graph in the order of its outputs. NNCF's statistics models
     list the component's own output first, which ran the whole graph before any statistic and
     kept every activation alive (sd15's VAE decoder: 8.3 GiB to quantize, 1.8 GiB with its own
-    output last). Every model compiled while quantizing lists the component's outputs last."""
+    output last). Every model compiled while quantizing lists the component's outputs last, and
+    the quantized graph is the one of NNCF's own order."""
+    import contextlib
+
     import openvino as ov
 
+    from instaflow_edge.export import openvino as openvino_target
     from instaflow_edge.export.openvino import CALIBRATED_RECIPES, MODEL_FILE, nncf_quantize
 
     compiled = []
@@ -157,7 +167,7 @@ def test_quantization_takes_each_statistic_before_the_graph_runs_on(
         own = [tensor.name for tensor in spec.outputs]
         compiled.clear()
         model = ov.Core().read_model(fp32_bundle / name / MODEL_FILE)
-        nncf_quantize(model, spec, method, load_calibration(calibration))
+        quantized = nncf_quantize(model, spec, method, load_calibration(calibration))
         # the graphs NNCF runs for statistics: the component's with outputs added
         statistics = [
             results
@@ -168,6 +178,15 @@ def test_quantization_takes_each_statistic_before_the_graph_runs_on(
         for results in statistics:
             last = results[-len(own) :]
             assert all(o in names for o, names in zip(own, last, strict=True)), (name, last)
+        ov.save_model(quantized, tmp_path / "ordered.xml", compress_to_fp16=False)
+        with monkeypatch.context() as unordered:
+            unordered.setattr(openvino_target, "_own_outputs_last", contextlib.nullcontext)
+            model = ov.Core().read_model(fp32_bundle / name / MODEL_FILE)
+            quantized = nncf_quantize(model, spec, method, load_calibration(calibration))
+        ov.save_model(quantized, tmp_path / "default.xml", compress_to_fp16=False)
+        # the same constants: weights and quantization ranges (the graphs' texts differ in the
+        # names OpenVINO numbers as it makes nodes)
+        assert (tmp_path / "ordered.bin").read_bytes() == (tmp_path / "default.bin").read_bytes()
 
 
 def test_devices_and_options(fp32_bundle, tmp_path):

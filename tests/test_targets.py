@@ -81,6 +81,23 @@ def calibration(pipeline, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def quantized(bundles, calibration, tmp_path_factory):
+    """quantized(target, method): `bundles(target)` quantized by `method` at its defaults (from
+    `calibration` where the method is calibrated), made once for the tests that read it."""
+    made = {}
+
+    def bundle(target: str, method: str) -> Path:
+        if (target, method) not in made:
+            exporter = get_exporter(target)
+            given = calibration if method in exporter.calibrated_methods else None
+            out = tmp_path_factory.mktemp("quantized") / f"{target}-{method}"
+            made[target, method] = exporter.quantize(bundles(target), out, method, given)
+        return made[target, method]
+
+    return bundle
+
+
+@pytest.fixture(scope="session")
 def unseen(pipeline):
     """PyTorch's tensors and images on prompts and seeds the export check never used."""
     ids, noise = pipeline.tokenize(UNSEEN_PROMPTS), pipeline.make_noise(UNSEEN_SEEDS)
@@ -389,13 +406,10 @@ def test_export_mistakes_are_one_line_user_errors(pipeline, target, tmp_path):
         for case in METHODS
     ],
 )
-def test_quantized_bundle_keeps_the_contract(
-    bundles, calibration, unseen, target, method, tmp_path
-):
+def test_quantized_bundle_keeps_the_contract(bundles, quantized, unseen, target, method, tmp_path):
     exporter = get_exporter(target)
     source = bundles(target)
-    given = calibration if method in exporter.calibrated_methods else None
-    bundle = exporter.quantize(source, tmp_path / method, method, given)
+    bundle = quantized(target, method)
     manifest = read_manifest(bundle)
     assert (manifest.target, manifest.runtime, manifest.quantization) == (
         target,
@@ -410,7 +424,7 @@ def test_quantized_bundle_keeps_the_contract(
     assert checks and all(c["passed"] for c in [*checks, *parity["end_to_end"]["checks"]])
     sizes = manifest.details["sizes"]
     assert sizes["bytes_after"] < sizes["bytes_before"]  # the weights did shrink
-    if given is not None:
+    if method in exporter.calibrated_methods:
         assert manifest.details["calibration"]["samples"] == 8
     ids, noise, _, images = unseen
     assert image_psnr(images, load_session(bundle, fused=False).generate(ids, noise)) >= 25
@@ -429,14 +443,10 @@ def test_quantized_bundle_keeps_the_contract(
         *(("openvino", m) for m in ("hybrid", "hybrid-vae", "int8-full")),
     ],
 )
-def test_int8_activations_leave_the_unets_input_noise_unrounded(
-    bundles, calibration, target, method, tmp_path
-):
+def test_int8_activations_leave_the_unets_input_noise_unrounded(quantized, target, method):
     """At t=1000 the UNet's output carries its input noise through (Component.float_inputs):
     every method that quantizes activations leaves the ops reading it float."""
-    exporter = get_exporter(target)
-    given = calibration if method in exporter.calibrated_methods else None
-    bundle = exporter.quantize(bundles(target), tmp_path / method, method, given)
+    bundle = quantized(target, method)
     path = bundle / read_manifest(bundle).components["unet"].file
     assert readers_of(path, "sample", target) == {"Convolution" if target == "openvino" else "Conv"}
     assert quantizes_activations(path, target)  # and the rest is int8
@@ -510,14 +520,14 @@ def largest_int8_weight(bundle: Path) -> int:
     ],
 )
 def test_int8_methods_write_7_bit_weights_unless_told_not_to(
-    bundles, calibration, target, method, tmp_path
+    bundles, calibration, quantized, target, method, tmp_path
 ):
     """CPUs without VNNI (AVX2 only) saturate the 16-bit sums of uint8 x int8 products: 7-bit
     weights (ONNX Runtime's reduce_range, NNCF's overflow fix) keep what was calibrated there,
     so a bundle computes the same on every x86 CPU; the option says so in the manifest."""
     exporter = get_exporter(target)
     given = calibration if method in exporter.calibrated_methods else None
-    seven = exporter.quantize(bundles(target), tmp_path / "7", method, given)
+    seven = quantized(target, method)
     eight = tmp_path / "8"
     command = ["quantize", "--bundle", str(bundles(target)), "--method", method, "-o", str(eight)]
     assert (
