@@ -44,9 +44,10 @@ CALIBRATED_RECIPES: dict[str, dict[str, str]] = {
 
 # NNCF's bias correction, measured on sd15 (bf16 against the fp32 IR, 4 calibrated and 4 unseen
 # inputs): the VAE decoder's int8-full 34.99 dB with it and without, and its quantization's peak
-# 11.4 GiB with it, 8.3 GiB without (its 512x512 activations); the UNet's int8-full 38.94 against
-# 39.06 dB without (peak 10.4 instead of 10.9 GiB, 132 instead of 187 s), hybrid 37.47 against
-# 37.63 dB (7.0 instead of 7.3 GiB). The text encoder's was not measured and keeps it.
+# 11.4 GiB with it, 8.3 GiB without (its 512x512 activations; both before `_own_outputs_last`);
+# the UNet's int8-full 38.94 against 39.06 dB without (peak 10.4 instead of 10.9 GiB, 132
+# instead of 187 s), hybrid 37.47 against 37.63 dB (7.0 instead of 7.3 GiB). The text encoder's
+# was not measured and keeps it.
 WITHOUT_BIAS_CORRECTION = {"unet", "vae_decoder"}
 
 
@@ -84,10 +85,10 @@ class OpenVinoExporter(Exporter):
         "fastest-cpu-int8": Preset(
             why="hybrid-vae (int8 activations in the UNet's convolutions and the whole VAE "
             "decoder, the MatMuls' weights int8; calibrated at t=1000 on 16 prompts of the "
-            "model's own set) executed in bf16: on sd15 UNet 4.93x PyTorch fp32 at 38.1 dB, VAE "
-            "decoder 4.97x at 35.0 dB, end to end 5.10x at 32.4 dB on an AVX-512 VNNI CPU "
-            "(bench/results/bench_sd15_openvino_int8_vnni; int8-full is faster there, UNet 5.60x, "
-            "but at 34.3 dB); on the embedded default end to end 2.93x at 32.1 dB "
+            "model's own set) executed in bf16: on sd15 UNet 5.00x PyTorch fp32 at 38.3 dB, VAE "
+            "decoder 5.15x at 35.0 dB, end to end 5.23x at 32.3 dB on an AVX-512 VNNI CPU "
+            "(bench/results/bench_sd15_openvino_int8_vnni; int8-full is faster there, UNet 5.76x, "
+            "but at 34.1 dB); on the embedded default end to end 2.93x at 32.1 dB "
             "(bench/results/bench_tiny)",
             method="hybrid-vae",
             runtime_options={"inference_precision": "bf16"},
