@@ -82,5 +82,34 @@ def bundles(pipeline, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def calibration(pipeline, tmp_path_factory):
+    """A calibration set of 8 synthetic prompts, recorded once."""
+    from instaflow_edge.calibration.builder import build_calibration
+    from instaflow_edge.calibration.prompts import load_prompts
+
+    out = tmp_path_factory.mktemp("calibration") / "set"
+    return build_calibration(pipeline, load_prompts("synthetic", limit=8), out)
+
+
+@pytest.fixture(scope="session")
+def quantized(bundles, calibration, tmp_path_factory):
+    """quantized(target, method): `bundles(target)` quantized by `method` at its defaults (from
+    `calibration` where the method is calibrated), made once for the tests that read it."""
+    from instaflow_edge.export import get_exporter
+
+    made = {}
+
+    def bundle(target: str, method: str):
+        if (target, method) not in made:
+            exporter = get_exporter(target)
+            given = calibration if method in exporter.calibrated_methods else None
+            out = tmp_path_factory.mktemp("quantized") / f"{target}-{method}"
+            made[target, method] = exporter.quantize(bundles(target), out, method, given)
+        return made[target, method]
+
+    return bundle
+
+
+@pytest.fixture(scope="session")
 def onnx_bundle(bundles):
     return bundles("onnx")

@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 
-from instaflow_edge.calibration.builder import build_calibration
 from instaflow_edge.calibration.dataset import load_calibration
 from instaflow_edge.calibration.prompts import load_prompts
 from instaflow_edge.cli import main
@@ -49,12 +48,6 @@ def reference(pipeline, inputs):
 @pytest.fixture(scope="module")
 def fp32_bundle(bundles):
     return bundles("openvino")
-
-
-@pytest.fixture(scope="module")
-def calibration(pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calibration") / "set"
-    return build_calibration(pipeline, load_prompts("synthetic", limit=8), out)
 
 
 def end_to_end_psnr(bundle, inputs, reference) -> float:
@@ -111,21 +104,15 @@ def test_int4_weights_are_refused_where_they_break_the_image(exporter, fp32_bund
     assert read_manifest(bundle).details["parity"]["gates"]["min_image_psnr_db"] is None
 
 
-@pytest.fixture(scope="module")
-def fused_bundle(pipeline, exporter, tmp_path_factory):
-    return exporter.export(
-        pipeline, tmp_path_factory.mktemp("fused") / "b", "fp32", {"fused": True}
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["hybrid", "hybrid-vae", "int8-full"])
 def test_calibrated_methods_quantize_the_activations_their_recipe_names(
-    exporter, fused_bundle, calibration, inputs, reference, method, tmp_path
+    fp32_bundle, quantized, inputs, reference, method
 ):
     from instaflow_edge.export.openvino import CALIBRATED_RECIPES
 
-    bundle = exporter.quantize(fused_bundle, tmp_path / method, method, calibration)
+    assert "generator" in read_manifest(fp32_bundle).components  # quantized from a fused export
+    bundle = quantized("openvino", method)
     manifest = read_manifest(bundle)
     assert sorted(manifest.components) == ["text_encoder", "unet", "vae_decoder"]  # no generator
     for name, recipe in CALIBRATED_RECIPES[method].items():

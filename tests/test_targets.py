@@ -22,7 +22,6 @@ import torch
 
 from instaflow_edge import export as export_package
 from instaflow_edge import runtimes as runtimes_package
-from instaflow_edge.calibration.builder import build_calibration
 from instaflow_edge.calibration.prompts import load_prompts
 from instaflow_edge.cli import main
 from instaflow_edge.components import COMPONENTS, RECIPE
@@ -72,29 +71,6 @@ def toy_target():
     yield
     export_package.__path__.remove(str(TOY / "export"))
     runtimes_package.__path__.remove(str(TOY / "runtimes"))
-
-
-@pytest.fixture(scope="session")
-def calibration(pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calibration") / "set"
-    return build_calibration(pipeline, load_prompts("synthetic", limit=8), out)
-
-
-@pytest.fixture(scope="session")
-def quantized(bundles, calibration, tmp_path_factory):
-    """quantized(target, method): `bundles(target)` quantized by `method` at its defaults (from
-    `calibration` where the method is calibrated), made once for the tests that read it."""
-    made = {}
-
-    def bundle(target: str, method: str) -> Path:
-        if (target, method) not in made:
-            exporter = get_exporter(target)
-            given = calibration if method in exporter.calibrated_methods else None
-            out = tmp_path_factory.mktemp("quantized") / f"{target}-{method}"
-            made[target, method] = exporter.quantize(bundles(target), out, method, given)
-        return made[target, method]
-
-    return bundle
 
 
 @pytest.fixture(scope="session")
