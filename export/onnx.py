@@ -392,7 +392,7 @@ def quantize_static_qdq(
     )
     kept_float = nodes_reading(prepared, float_inputs)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-    # the percentile calibrator print()s
+    # silenced: the percentile calibrator print()s
     with contextlib.redirect_stdout(io.StringIO()), _statistics_as_activations_are_made():
         quantize_static(
             prepared,

@@ -176,34 +176,26 @@ def nncf_quantize(
         "disable_bias_correction": name in WITHOUT_BIAS_CORRECTION,
         **(advanced or {}),
     }
-    kept_float = _ops_reading(model, COMPONENTS[name].float_inputs)
+    # the ops whose activations stay float: those reading the UNet's noise, and in hybrid mode
+    # the MatMuls and embeddings (their weights int8 only)
+    ignored = _ops_reading(model, COMPONENTS[name].float_inputs)
     if recipe == "hybrid":
         # optimum-intel's hybrid mode: MatMul/embedding weights int8 (weights only); the
         # convolutions and every activation quantized from calibration data, SmoothQuant off.
-        weighted = _ops_with_weights(model)
+        ignored = _ops_with_weights(model) + ignored
         model = nncf.compress_weights(
             model,
             mode=nncf.CompressWeightsMode.INT8_ASYM,
             ignored_scope=nncf.IgnoredScope(types=["Convolution"]),
         )
-        with _own_outputs_last(model):
-            return nncf.quantize(
-                model,
-                dataset,
-                model_type=nncf.ModelType.TRANSFORMER,
-                subset_size=len(calibration),
-                ignored_scope=nncf.IgnoredScope(names=weighted + kept_float, validate=False),
-                advanced_parameters=nncf.AdvancedQuantizationParameters(
-                    smooth_quant_alpha=-1, **parameters
-                ),
-            )
+        parameters["smooth_quant_alpha"] = -1
     with _own_outputs_last(model):
         return nncf.quantize(
             model,
             dataset,
             model_type=None if name == "vae_decoder" else nncf.ModelType.TRANSFORMER,
             subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=kept_float, validate=False),
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
             advanced_parameters=nncf.AdvancedQuantizationParameters(**parameters),
         )
 
