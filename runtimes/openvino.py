@@ -13,6 +13,7 @@ import numpy as np
 
 from instaflow_edge.errors import UserError
 from instaflow_edge.manifest import Manifest
+from instaflow_edge.memory import drop_mapped_pages
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import (
     BundleSession,
@@ -113,8 +114,11 @@ class OpenVinoSession(BundleSession):
         )
 
     def load_graph(self, component: str, path: Path):
-        """The compiled model and its infer request."""
+        """The compiled model and its infer request. The pages of the weights file that compiling
+        read are handed back: the compiled model computes from its own copy (sd15's fp32 UNet in
+        f32 held 6.7 GiB running, 3.5 GiB without them; in bf16 5.1 and 1.8 GiB)."""
         compiled = self.core.compile_model(str(path), self.device, self.config)
+        drop_mapped_pages(path.with_suffix(".bin"))
         return compiled, compiled.create_infer_request()
 
     def settings(self) -> dict[str, object]:
