@@ -204,9 +204,7 @@ def test_a_loaded_bundle_holds_none_of_its_weights_files_and_runs_the_same(fp32_
     from instaflow_edge.export.openvino import MODEL_FILE
 
     session = load_session(fp32_bundle)
-    weights = [
-        fp32_bundle / name / MODEL_FILE.replace(".xml", ".bin") for name in session.loaded
-    ]
+    weights = [fp32_bundle / name / MODEL_FILE.replace(".xml", ".bin") for name in session.loaded]
     assert weights and all(_resident_kib(path) == 0 for path in weights)
     ids, noise = (tensor.numpy() for tensor in inputs)
     first = session.generate(ids, noise)
