@@ -60,15 +60,13 @@ def drop_mapped_pages(path: Path) -> None:
     read while compiling stays resident for nothing (sd15's fp32 UNet: 3.3 GiB beside the
     plugin's 3.3). OpenVINO has no option that frees them: without its mapping (ENABLE_MMAP
     off) the compiled model keeps the weights on the heap instead."""
-    madvise = _madvise()
-    try:
-        mappings = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
+    madvise, mappings = _madvise(), Path("/proc/self/maps")
+    if madvise is None or not mappings.exists():
         return
     target = str(Path(path).resolve())
-    for line in mappings:
+    for line in mappings.read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if madvise is None or len(fields) < 6 or fields[5] != target or "w" in fields[1]:
+        if len(fields) < 6 or fields[5] != target or "w" in fields[1]:
             continue  # only read-only mappings: nothing written there can be lost
         start, end = (int(address, 16) for address in fields[0].split("-"))
         madvise(start, end - start, _MADV_DONTNEED)
