@@ -28,6 +28,7 @@ from instaflow_edge.export.base import (
     Preset,
     Quantization,
 )
+from instaflow_edge.memory import return_freed_memory
 from instaflow_edge.options import option
 from instaflow_edge.runtimes.base import RuntimeUnavailable
 from instaflow_edge.runtimes.onnxruntime import cuda_available
@@ -367,21 +368,12 @@ def quantize_static_qdq(
     """Static int8 QDQ of Conv/MatMul/Gemm: per-channel int8 weights (7-bit if asked), uint8
     activations whose ranges come from the calibration feeds; the ops reading `float_inputs`
     stay float (`Component.float_inputs` says why)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(feeds, None)
 
     external = _has_external_data(source)
     prepared = dest.with_name(f".{dest.stem}.pre.onnx")
+    ranges = dest.with_name(f".{dest.stem}.ranges.json")
     quant_pre_process(
         source,
         prepared,
@@ -393,11 +385,14 @@ def quantize_static_qdq(
     kept_float = nodes_reading(prepared, float_inputs)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
     # silenced: the percentile calibrator print()s
-    with contextlib.redirect_stdout(io.StringIO()), _statistics_as_activations_are_made():
+    with contextlib.redirect_stdout(io.StringIO()):
+        _calibrate(prepared, ranges, feeds, method[options.calibration_method], external)
         quantize_static(
             prepared,
             dest,
-            Reader(),
+            None,  # the ranges are calibrated: quantize_static reads them from its cache
+            calibration_cache_path=ranges,
+            calibrate_method=method[options.calibration_method],
             quant_format=QuantFormat.QDQ,
             # the compute-heavy ops only: quantizing Add as well would calibrate the text encoder's
             # causal mask (-inf), which MinMax turns into a meaningless range and Percentile refuses
@@ -405,29 +400,65 @@ def quantize_static_qdq(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=method[options.calibration_method],
             reduce_range=options.seven_bit_weights,
             nodes_to_exclude=kept_float,
             use_external_data_format=external,
         )
-    for leftover in dest.parent.glob(f".{dest.stem}.pre.onnx*"):
+    for leftover in dest.parent.glob(f".{dest.stem}.*"):
         leftover.unlink()
     return dest
 
 
+def _calibrate(
+    model: Path, ranges: Path, feeds: Iterator[dict[str, np.ndarray]], method, external: bool
+) -> None:
+    """The activation ranges of `model`'s STATIC_OP_TYPES over `feeds`, by ONNX Runtime's
+    calibrator as `quantize_static` runs it, written to `ranges` in its calibration cache's format.
+
+    Apart from `quantize_static`, which loads the model to quantize before it calibrates and so
+    held it through calibration beside the calibrator's own copy and the calibration session
+    (sd15's UNet: three copies of its 3.3 GiB of weights); here the calibrator's copy also goes
+    once its augmented graph is saved (see `_calibration_session`)."""
+    from onnxruntime.quantization import CalibrationDataReader, create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(feeds, None)
+
+    with tempfile.TemporaryDirectory(prefix="ort.quant.") as scratch, _calibration_session():
+        calibrator = create_calibrator(
+            model,
+            STATIC_OP_TYPES,
+            augmented_model_path=str(Path(scratch) / "augmented_model.onnx"),
+            calibrate_method=method,
+            use_external_data_format=external,
+        )
+        calibrator.collect_data(Reader())
+        save_tensors_data(calibrator.compute_data(), ranges)
+        del calibrator
+    return_freed_memory()
+
+
 @contextlib.contextmanager
-def _statistics_as_activations_are_made() -> Iterator[None]:
-    """Run ONNX Runtime's calibration graphs in its priority-based order. The calibrator adds a
-    ReduceMin and a ReduceMax after every tensor it calibrates; in the default order they ran
-    after the rest of the graph, so every activation stayed alive until its statistic was taken
-    (sd15's VAE decoder: 5.6 GiB for one calibration run, 2.9 GiB in priority order; the same
-    ops on the same inputs, so the same ranges)."""
+def _calibration_session() -> Iterator[None]:
+    """Open ONNX Runtime's calibration sessions lean; neither setting has an option:
+
+    - in ONNX Runtime's priority-based order. The calibrator adds a ReduceMin and a ReduceMax
+      after every tensor it calibrates; in the default order they ran after the rest of the
+      graph, so every activation stayed alive until its statistic was taken (sd15's VAE decoder:
+      5.6 GiB for one calibration run, 2.9 GiB in priority order; the same ops on the same
+      inputs, so the same ranges);
+    - without the calibrator's own copy of the model, weights included: the augmented graph is
+      saved by then, and neither collecting nor computing the ranges reads it."""
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import CalibraterBase
 
     open_session = CalibraterBase.create_inference_session
 
-    def open_in_priority_order(calibrator: CalibraterBase) -> None:
+    def open_lean(calibrator: CalibraterBase) -> None:
+        calibrator.model = None
+        return_freed_memory()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
@@ -437,7 +468,7 @@ def _statistics_as_activations_are_made() -> Iterator[None]:
             providers=calibrator.execution_providers,
         )
 
-    CalibraterBase.create_inference_session = open_in_priority_order
+    CalibraterBase.create_inference_session = open_lean
     try:
         yield
     finally:
