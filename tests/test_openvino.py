@@ -300,22 +300,3 @@ def test_the_fastest_cpu_preset_is_recorded_in_the_manifest_and_every_load_appli
     assert session.options.inference_precision == "bf16"
     assert session.settings()["executed_precision"] in ("bf16", "f32")
     assert load_session(bundle, inference_precision="f32").inference_precision == "f32"
-
-
-def test_the_calibrated_preset_records_its_own_calibration_set_and_int8_in_bf16(
-    tmp_path, capsys, calibration
-):
-    bundle = tmp_path / "int8"
-    status = main(
-        ["export", "--target", "openvino", "--preset", "fastest-cpu-int8", "-o", str(bundle)]
-    )
-    assert status == 0
-    manifest = read_manifest(bundle)
-    assert (manifest.quantization, manifest.details["preset"]) == ("hybrid-vae", "fastest-cpu-int8")
-    assert manifest.runtime_options == {"inference_precision": "bf16"}
-    assert manifest.details["parity"]["gates"]["basis"] == "quantized"
-    assert not list(tmp_path.glob(".*"))  # its source bundle and calibration set are gone
-    # a calibration set of the user's own instead
-    status = main(["export", "--target", "openvino", "--preset", "fastest-cpu-int8"]
-                  + ["--calibration", str(calibration), "-o", str(tmp_path / "theirs")])  # fmt: skip
-    assert status == 0 and read_manifest(tmp_path / "theirs").quantization == "hybrid-vae"

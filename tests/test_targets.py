@@ -570,6 +570,32 @@ def test_unknown_runtime_option_names_the_known_ones(bundles, target):
         load_session(bundles(target), warp_speed=True)
 
 
+CALIBRATED_PRESETS = [  # the real targets' (the toy target registers itself in a fixture)
+    (target, name)
+    for target in target_names()
+    for name, preset in get_exporter(target).presets.items()
+    if preset.calibration_prompts
+]
+
+
+@pytest.mark.parametrize(("target", "name"), CALIBRATED_PRESETS)
+def test_a_calibrated_preset_records_its_own_calibration_set_and_its_runtime_options(
+    tmp_path, calibration, target, name
+):
+    preset = get_exporter(target).presets[name]
+    bundle = tmp_path / "int8"
+    assert main(["export", "--target", target, "--preset", name, "-o", str(bundle)]) == 0
+    manifest = read_manifest(bundle)
+    assert (manifest.quantization, manifest.details["preset"]) == (preset.method, name)
+    assert manifest.runtime_options == preset.runtime_options
+    assert manifest.details["parity"]["gates"]["basis"] == "quantized"
+    assert not list(tmp_path.glob(".*"))  # its source bundle and calibration set are gone
+    # a calibration set of the user's own instead
+    status = main(["export", "--target", target, "--preset", name]
+                  + ["--calibration", str(calibration), "-o", str(tmp_path / "theirs")])  # fmt: skip
+    assert status == 0 and read_manifest(tmp_path / "theirs").quantization == preset.method
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_presets_are_data_the_target_and_its_runtime_take(target):
     from instaflow_edge.export.base import PRECISIONS
