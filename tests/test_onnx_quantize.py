@@ -184,6 +184,43 @@ def test_calibration_holds_only_what_it_needs_and_finds_the_same_ranges(
     assert lean == default  # the same scales and zero points, the same weights
 
 
+def test_pre_processing_infers_shapes_without_the_weights_and_prepares_what_onnxruntime_does(
+    onnx_bundle, tmp_path, monkeypatch
+):
+    """ONNX Runtime's `quant_pre_process` held up to three copies of the weights (sd15's UNet:
+    10.1 GiB). Ours runs its symbolic shape inference on the graph without its weights, and
+    writes the same prepared graph, weights included."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from instaflow_edge.export import onnx as onnx_target
+
+    # the UNet with its weights in a file beside it, as a graph over 2 GB has them
+    source = tmp_path / "unet" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(onnx_bundle / "unet" / "model.onnx"), source,
+                    save_as_external_data=True, location="model.onnx_data")  # fmt: skip
+    infer_shapes = SymbolicShapeInference.infer_shapes
+    given = []
+
+    def spy(model, *args, **kwargs):
+        given.append([tensor.HasField("raw_data") for tensor in model.graph.initializer])
+        return infer_shapes(model, *args, **kwargs)
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(spy))
+    ours = tmp_path / "ours" / "model.onnx"
+    ours.parent.mkdir()
+    onnx_target._pre_process(source, ours, external=True)
+    (loaded,) = given  # what it inferred on: the small tensors only, the weights left in their file
+    assert any(loaded) and not all(loaded)
+    theirs = tmp_path / "theirs" / "model.onnx"
+    theirs.parent.mkdir()
+    quant_pre_process(source, theirs, auto_merge=True, save_as_external_data=True,
+                      all_tensors_to_one_file=True, external_data_location="model.onnx.data")  # fmt: skip
+    assert onnx.load(ours).SerializeToString() == onnx.load(theirs).SerializeToString()
+    assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx", "model.onnx_data"]
+
+
 def test_cli_quantize_prints_bundle_and_parity(onnx_bundle, tmp_path):
     result = run_cli(
         "quantize",
