@@ -46,9 +46,11 @@ ROWS = [
     Row("optimum-onnx", "onnx"),
     Row("optimum-onnx", "onnx", "fp16"),
     Row("optimum-onnx", "onnx", "int8-dynamic"),
+    Row("optimum-onnx", "onnx", "int8-static"),  # the fastest-cpu-int8 preset's QDQ graphs
     Row("optimum-intel", "openvino"),
     Row("optimum-intel", "openvino", "fp16"),
     Row("optimum-intel", "openvino", "int8-weights"),
+    Row("optimum-intel", "openvino", "hybrid-vae"),  # the fastest-cpu-int8 preset's int8 IR
     Row("diffusers", None),
 ]
 
@@ -67,9 +69,10 @@ def client_version(client: str) -> str:
     return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
 
 
-def folder_for(row: Row, pipeline, fp32_bundles, work: Path) -> Path:
+def folder_for(row: Row, pipeline, fp32_bundles, work: Path, calibration: Path) -> Path:
     """What the row's client loads: a model folder, an fp32 bundle, an fp16 export or a
-    quantized bundle (`fp32_bundles(target)` gives the fp32 export)."""
+    quantized bundle (`fp32_bundles(target)` gives the fp32 export; a calibrated method's set is
+    `calibration`)."""
     from instaflow_edge.export import get_exporter
 
     if row.target is None:
@@ -80,7 +83,8 @@ def folder_for(row: Row, pipeline, fp32_bundles, work: Path) -> Path:
         return exporter.export(pipeline, out, "fp16", overwrite=True)
     if row.method is None:
         return fp32_bundles(row.target)
-    return exporter.quantize(fp32_bundles(row.target), out, row.method, overwrite=True)
+    given = calibration if row.method in exporter.calibrated_methods else None
+    return exporter.quantize(fp32_bundles(row.target), out, row.method, given, overwrite=True)
 
 
 def our_image(row: Row, folder: Path, pipeline, noise: np.ndarray) -> np.ndarray:
@@ -124,6 +128,8 @@ def _defaults(run: dict) -> str:
 
 def main() -> int:
     """Run every row whose client is built; write bench/results/clients.{json,md}."""
+    from instaflow_edge.calibration.builder import build_calibration
+    from instaflow_edge.calibration.prompts import load_prompts
     from instaflow_edge.export import get_exporter
     from instaflow_edge.pipeline import OneStepPipeline
 
@@ -138,11 +144,14 @@ def main() -> int:
             exporter = get_exporter(target)
             return exporter.export(pipeline, work / f"{target}-fp32", overwrite=True)
 
+        calibration = build_calibration(
+            pipeline, load_prompts("synthetic", limit=8), work / "calibration"
+        )  # what the tests' calibrated bundles are made from
         for row in ROWS:
             if client_python(row.client) is None:
                 print(f"skipped {row.name}: no venv (clients/build_venvs.sh)", file=sys.stderr)
                 continue
-            folder = folder_for(row, pipeline, fp32, work)
+            folder = folder_for(row, pipeline, fp32, work, calibration)
             report = check(row, folder, noise, our_image(row, folder, pipeline, noise), work)
             results.append({"row": row.name, "version": client_version(row.client), **report})
             print(f"{row.name}: {report['psnr_db']} dB", file=sys.stderr)
