@@ -425,6 +425,8 @@ def _pre_process(source: Path, prepared: Path, external: bool) -> None:
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    source = source.resolve()  # read after a chdir: a user's relative path must still name it
+
     def save(model, path: Path, location: str | None = None) -> None:
         if external:
             onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
