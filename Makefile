@@ -33,7 +33,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # everything (what CI runs); test-fast leaves out the tests marked slow, for daily work. Two
-# pytest-xdist workers, each test to the first idle one: 24 min instead of 30 on 2 cores (much of a
+# pytest-xdist workers, each test to the first idle one: 19-24 min instead of 31 on 2 cores (much of a
 # test is single-threaded Python: imports, tracing, conversion)
 PYTEST := $(BIN)/python -m pytest -n 2 --dist worksteal
 
