@@ -47,6 +47,7 @@ def atomic_directory(
     it, `overwrite` refuses to replace a folder that lacks it.
     """
     final = Path(final)
+    check_writable(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(final):
         existed = check_replaceable(final, overwrite, marker)
@@ -69,6 +70,7 @@ def atomic_directory(
 def check_replaceable(final: Path, overwrite: bool, marker: str | None = None) -> bool:
     """Whether `final` exists; refuse it unless it may be replaced (commands call this before
     long work too, so that a refusal comes first)."""
+    check_writable(final.parent)
     if not final.exists() and not final.is_symlink():
         return False
     if not overwrite:
@@ -81,6 +83,25 @@ def check_replaceable(final: Path, overwrite: bool, marker: str | None = None) -
             "replace it; choose another --out"
         )
     return True
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, as a user's mistake, a folder that can be neither made nor written: the nearest of
+    it and its parents that exists is not a folder, or takes no new entries (read-only, no
+    permission, a kernel file system). Commands call it before long work, so that an output
+    nobody can write is refused first, not after the work."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write into {folder}: {existing} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(prefix=".instaflow-edge-probe-", dir=existing).cleanup()
+    except OSError as error:
+        raise UserError(
+            f"cannot write into {folder}: {existing} takes no new files ({error.strerror})"
+        ) from None
 
 
 def _replace(staging: Path, final: Path) -> None:

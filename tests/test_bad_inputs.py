@@ -403,10 +403,51 @@ CASES = {
                                 2, ["steps must be a int"]),
     "train steps 0": (lambda t, c: ["train", "vae", "--out", str(t / "r"), "--steps", "0"],
                       2, ["steps must be at least 1"]),
+    "train out with the recipe": (lambda t, c: ["train", "--recipe", "synthetic", "--out", str(t / "r")],
+                                  2, ["--out does not apply to --recipe"]),
+    "train workdir with a stage": (lambda t, c: ["train", "vae", "--out", str(t / "r"), "--workdir",
+                                                 str(t / "w")], 2, ["--workdir does not apply to the vae stage"]),
+    "train pairs with vae": (lambda t, c: ["train", "vae", "--out", str(t / "r"), "--pairs", str(t)],
+                             2, ["--pairs does not apply to the vae stage", "reflow, distill"]),
+    "train model with flow": (lambda t, c: ["train", "flow", "--init", "initial", "--out", str(t / "r"),
+                                            "--model", str(t)], 2, ["--model does not apply"]),
+    "train prompts with the recipe": (lambda t, c: ["train", "--recipe", "synthetic", "--prompts",
+                                                    str(write("p.txt", b"a cat")(t, c))],
+                                      2, ["--prompts does not apply to --recipe"]),
     # bench and inspect
     "bench runs 0": (lambda t, c: ["bench", "--bundle", str(c["bundle"]), "--runs", "0"], 2, ["--runs"]),
     "bench missing bundle": (lambda t, c: ["bench", "--bundle", str(t / "none")], 2, ["does not exist"]),
+    # outputs nobody can write, refused before any work: under a file, or where no file can be made
+    **{
+        f"{name} {where}": (lambda t, c, a=args, w=where: a(c, out_path(t, c, w)),
+                            2, ["cannot write into"])
+        for name, args in {
+            "export out": lambda c, o: ["export", "--out", o],
+            "quantize out": lambda c, o: ["quantize", "--bundle", str(c["bundle"]), "--method",
+                                          "int8-dynamic", "--out", o],
+            "calibrate out": lambda c, o: ["calibrate", "--prompts", "synthetic", "--out", o],
+            "validate report": lambda c, o: ["validate", "--bundle", str(c["bundle"]), "--report", o],
+            "bench out": lambda c, o: ["bench", "--bundle", str(c["bundle"]), "--out", o],
+            "bench cache": lambda c, o: ["bench", "--targets", "onnx", "--cache", o],
+            "train stage out": lambda c, o: ["train", "vae", "--out", o],
+            "train recipe workdir": lambda c, o: ["train", "--recipe", "synthetic", "--workdir", o],
+        }.items()
+        for where in ("under a file", "in a kernel folder")
+    },
+    "generate under a file": (lambda t, c: ["generate", "--prompt", "a cat", "--out",
+                                            out_path(t, c, "under a file") + ".png"],
+                              2, ["does not exist"]),
+    "generate in a kernel folder": (lambda t, c: ["generate", "--prompt", "a cat", "--out", "/proc/x.png"],
+                                    2, ["cannot write into /proc"]),
 }  # fmt: skip
+
+
+def out_path(tmp, ctx, where: str) -> str:
+    """An output path no command can write: below a file, or in /proc (where no file can be made,
+    not even by root)."""
+    if where == "under a file":
+        return str(write("a-file", b"x")(tmp, ctx) / "out")
+    return "/proc/instaflow-edge-test/out"
 
 
 def write_manifest_garbage(tmp, ctx):

@@ -150,11 +150,16 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{given[0]} applies to a bench over a model, not to --bundle")
     elif args.reference is not None:
         raise UserError("--reference applies to --bundle (a model's bench times that model)")
+    from instaflow_edge.atomic import check_replaceable, check_writable
+    from instaflow_edge.client_peers import CLIENT_PEERS, peer_python
+
     if args.out is not None:
-        from instaflow_edge.atomic import check_replaceable
         from instaflow_edge.benchmark import RESULTS
 
         check_replaceable(args.out, args.overwrite, RESULTS)  # before any work
+    cache = args.cache or default_cache()
+    if args.bundle is None or any(peer in CLIENT_PEERS for peer in args.peers):
+        check_writable(cache)  # where bundles and the clients' exports are made
 
     from instaflow_edge import benchmark
     from instaflow_edge.commands.common import reference_device
@@ -185,8 +190,6 @@ def run(args: argparse.Namespace) -> int:
     for item in planned:
         item.runtime_options = options.get(item.target, {})
 
-    from instaflow_edge.client_peers import CLIENT_PEERS, peer_python
-
     for peer in args.peers:
         if peer in CLIENT_PEERS:
             peer_python(peer)  # before any work: its venv is there
@@ -194,7 +197,6 @@ def run(args: argparse.Namespace) -> int:
     reference, inputs = benchmark.open_reference(
         model, reference_device(args.device), args.batch, args.prompt
     )
-    cache = args.cache or default_cache()
     if args.bundle is None:
         planned = benchmark.make_bundles(reference.session.pipeline, planned, cache, skipped)
     peers = benchmark.open_peers(args.peers, reference, inputs, args.components, cache)

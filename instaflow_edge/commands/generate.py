@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from instaflow_edge.atomic import check_writable
 from instaflow_edge.commands.common import (
     add_runtime_arguments,
     prompt_text,
@@ -90,6 +91,7 @@ def output_paths(out: Path, count: int, overwrite: bool = False) -> list[Path]:
         raise UserError(f"output {out} must be a .png file name")
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist")
+    check_writable(out.parent)
     paths = (
         [out] if count == 1 else [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(count)]
     )

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from instaflow_edge.atomic import check_writable
 from instaflow_edge.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -14,6 +15,18 @@ STAGES = ("vae", "flow", "pairs", "reflow", "distill", "eval")
 # the names of train.recipe.SCALES, repeated so that parsing the command line does not load torch
 # (a test keeps them equal)
 RECIPE_SCALES = ("full", "full-16k-huber", "ci")
+RECIPE_WORKDIR = Path("runs/synthetic")
+# the flags only some runs read ("recipe": --recipe), refused elsewhere rather than ignored
+FLAG_RUNS = {
+    "scale": ("recipe",),
+    "workdir": ("recipe",),
+    "out": STAGES,
+    "prompts": STAGES,  # the recipe trains on its own data
+    "init": ("vae", "flow", "pairs", "reflow", "distill"),
+    "pairs": ("reflow", "distill"),
+    "model": ("eval",),
+    "eval_steps": ("eval",),
+}
 # flags that set TrainConfig fields of the same name (dashes for underscores)
 CONFIG_FLAGS = {
     "seed": (int, "random seed (0)"),
@@ -58,14 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recipe", choices=("synthetic",), help="run every stage of a recipe")
     parser.add_argument(
         "--scale",
-        default="full",
         choices=RECIPE_SCALES,
         help="recipe size (full)",
     )
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path("runs/synthetic"),
         help="recipe folder (runs/synthetic)",
     )
     parser.add_argument(
@@ -78,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", action="append", default=[], help="eval: a model to score (repeat)"
     )
     parser.add_argument(
-        "--eval-steps", type=int, default=1, help="eval: sampling steps (1); > 1 adds straightness"
+        "--eval-steps", type=int, help="eval: sampling steps (1); > 1 adds straightness"
     )
     parser.add_argument(
         "--prompts",
@@ -110,6 +121,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give one stage (vae, flow, pairs, reflow, distill, eval) or --recipe")
     if args.stage and args.out is None:
         raise UserError(f"the {args.stage} stage needs --out DIR")
+    run_name = f"the {args.stage} stage" if args.stage else "--recipe"
+    for flag, runs in FLAG_RUNS.items():
+        if getattr(args, flag) not in (None, []) and (args.stage or "recipe") not in runs:
+            raise UserError(
+                f"--{flag.replace('_', '-')} does not apply to {run_name}: it is for "
+                + ", ".join("--recipe" if run == "recipe" else run for run in runs)
+            )
+    check_writable(args.out or args.workdir or RECIPE_WORKDIR)  # before any work
     if args.stage in ("reflow", "distill") and (args.pairs is None) == (args.prompts is None):
         raise UserError(
             f"the {args.stage} stage needs --pairs DIR (made by the pairs stage) or --prompts "
@@ -117,8 +136,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.prompts_column is not None and args.prompts is None:
         raise UserError("--prompts-column names a column of --prompts FILE: give the file too")
-    if args.recipe and args.prompts is not None:
-        raise UserError("--recipe synthetic trains on its own data: --prompts is for a stage")
     if args.stage in ("flow", "pairs", "reflow", "distill") and args.init is None:
         raise UserError(f"the {args.stage} stage needs --init MODEL (its starting weights)")
     if args.stage == "eval" and not args.model:
@@ -144,10 +161,11 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe:
         from instaflow_edge.train.recipe import run_recipe
 
-        summary = run_recipe(args.workdir, args.scale, config, args.resume, world)
+        workdir = args.workdir or RECIPE_WORKDIR
+        summary = run_recipe(workdir, args.scale or "full", config, args.resume, world)
         if world.is_main:
-            print((args.workdir / "eval" / "table.md").read_text(), end="")
-            logger.info("recipe done in %.0f s: %s", sum(summary["seconds"].values()), args.workdir)
+            print((workdir / "eval" / "table.md").read_text(), end="")
+            logger.info("recipe done in %.0f s: %s", sum(summary["seconds"].values()), workdir)
         return 0
     return _run_stage(args, config, world)
 
@@ -221,9 +239,9 @@ def _run_eval(args: argparse.Namespace, config, world) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         train_feature_net(features, steps=config.feature_steps, seed=config.seed)
     world.barrier()
-    straight = args.eval_steps > 1
-    guidance = config.guidance if straight else 0.0  # a one-step model has guidance built in
-    entries = [Entry(m, m, args.eval_steps, guidance, straight) for m in args.model]
+    steps = args.eval_steps or 1
+    guidance = config.guidance if steps > 1 else 0.0  # a one-step model has guidance built in
+    entries = [Entry(m, m, steps, guidance, steps > 1) for m in args.model]
     evaluate(entries, features, prompts, config.seed, args.out, world)
     if world.is_main:
         print((args.out / "table.md").read_text(), end="")

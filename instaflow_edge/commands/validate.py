@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from instaflow_edge.atomic import check_writable
     from instaflow_edge.calibration.prompts import load_prompts
     from instaflow_edge.manifest import read_manifest
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     default_set = "synthetic" if reference in ("tiny", "embedded:tiny") else "general"
     prompts = load_prompts(args.prompts or default_set, args.limit)
     report_dir = args.report or args.bundle.with_name(f"{args.bundle.name}-report")
+    check_writable(report_dir)  # before the comparison, not after it
     options = runtime_options(args.bundle, args.runtime_option)
 
     from instaflow_edge.quiet import quiet_libraries
