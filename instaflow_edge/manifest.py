@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from instaflow_edge.atomic import atomic_file, unfinished
-from instaflow_edge.components import ComponentSpec
+from instaflow_edge.components import ComponentSpec, ModelShapes
 from instaflow_edge.errors import UserError
 from instaflow_edge.jsonio import dumps
 from instaflow_edge.recipe import PREDICTION
@@ -91,6 +91,13 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     toolkit_version: str = ""
     library_versions: dict[str, str] = field(default_factory=dict)
+
+    def shapes(self) -> ModelShapes:
+        """The sizes that fix the components' tensors: text states from the text encoder's
+        output, latents and image from the sampling recipe (`check_contract` checks the rest)."""
+        text = self.components["text_encoder"].spec.outputs[0].shape
+        latent = self.sampling.latent_shape
+        return ModelShapes(text[1], text[2], latent[0], latent[1], self.sampling.image_size)
 
     def all_files(self) -> dict[str, str]:
         files = dict(self.assets)
@@ -220,7 +227,7 @@ def check_contract(manifest: Manifest, path: Path) -> None:
     """Refuse a manifest whose components break the contract every runtime relies on: the
     recipe's three components present, tensor names as declared in `components.COMPONENTS`,
     known dtypes, shapes that agree with the sampling recipe."""
-    from instaflow_edge.components import COMPONENTS, LAYOUTS, RECIPE, ModelShapes
+    from instaflow_edge.components import COMPONENTS, LAYOUTS, RECIPE
 
     if manifest.sampling.prediction != PREDICTION:
         raise BundleError(
@@ -236,8 +243,7 @@ def check_contract(manifest: Manifest, path: Path) -> None:
     text = manifest.components["text_encoder"].spec.outputs[0].shape
     if len(text) != 3 or not all(isinstance(d, int) for d in text[1:]):
         raise BundleError(f"{path} is malformed: text states shape {list(text)}")
-    size = manifest.sampling.image_size
-    shapes = ModelShapes(text[1], text[2], latent[0], latent[1], size)
+    shapes = manifest.shapes()
     for name, entry in manifest.components.items():
         if name not in COMPONENTS:
             raise BundleError(f"{path} is malformed: unknown component {name!r}")

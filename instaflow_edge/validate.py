@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from instaflow_edge import __version__
-from instaflow_edge.components import ComponentSpec
+from instaflow_edge.components import ComponentSpec, ModelShapes
+from instaflow_edge.errors import UserError
 from instaflow_edge.gates import Gates, check, failure_line, failures_of, number
 from instaflow_edge.latency import compare_latency, environment
 from instaflow_edge.manifest import BundleError, Manifest, read_manifest
@@ -151,7 +152,28 @@ def bundle_info(bundle_dir: Path, manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def check_comparable(reference: TorchSession, reference_id: str, manifest: Manifest) -> None:
+    """Refuse a reference whose tensors cannot feed the bundle's graphs (another model's sizes):
+    one line, before anything runs. A reference of the same sizes but other weights is only
+    warned about (`_check_reference`)."""
+    ours, theirs = reference.pipeline.shapes, manifest.shapes()
+    if ours != theirs:
+        raise UserError(
+            f"the reference {reference_id} cannot be compared with this bundle: it has "
+            f"{_sizes(ours)}; the bundle has {_sizes(theirs)}"
+        )
+
+
+def _sizes(shapes: ModelShapes) -> str:
+    latents = "x".join(map(str, (shapes.latent_channels, shapes.latent_size, shapes.latent_size)))
+    return (
+        f"text states {shapes.text_length}x{shapes.text_hidden}, latents {latents} and "
+        f"{shapes.image_size}x{shapes.image_size} images"
+    )
+
+
 def _check_reference(reference: TorchSession, reference_id: str, manifest: Manifest) -> dict:
+    check_comparable(reference, reference_id, manifest)
     weights = reference.pipeline.fingerprint()
     expected = manifest.source_model.get("sha256")
     if weights != expected:

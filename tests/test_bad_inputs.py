@@ -315,6 +315,8 @@ CASES = {
                                              "-o", str(t / "x.png")], 2, ["not UTF-8 text"]),
     "prompts file missing": (lambda t, c: ["generate", "--prompts", str(t / "none.txt"), "-o", str(t / "x.png")],
                              2, ["does not exist"]),
+    "prompts file a folder": (lambda t, c: ["generate", "--prompts", str(t), "-o", str(t / "x.png")],
+                              2, ["is a folder"]),
     "png exists": (lambda t, c: ["generate", "-p", "a cat", "-o", str(write("x.png", b"mine")(t, c))],
                    2, ["already exists", "--overwrite"]),
     "out not a png": (lambda t, c: ["generate", "-p", "a cat", "-o", str(t)], 2, ["must be a .png"]),
@@ -414,6 +416,13 @@ CASES = {
     "train prompts with the recipe": (lambda t, c: ["train", "--recipe", "synthetic", "--prompts",
                                                     str(write("p.txt", b"a cat")(t, c))],
                                       2, ["--prompts does not apply to --recipe"]),
+    # a reference of other sizes than the bundle's (its latents 8x8, the bundle's 16x16)
+    "validate another model's sizes": (lambda t, c: ["validate", "--bundle", str(c["bundle"]), "--reference",
+                                                     smaller_model(t, c), "--report", str(t / "r")],
+                                       2, ["cannot be compared", "latents 4x8x8", "latents 4x16x16"]),
+    "bench another model's sizes": (lambda t, c: ["bench", "--bundle", str(c["bundle"]), "--reference",
+                                                  smaller_model(t, c), "--runs", "1"],
+                                    2, ["cannot be compared", "latents 4x8x8"]),
     # bench and inspect
     "bench runs 0": (lambda t, c: ["bench", "--bundle", str(c["bundle"]), "--runs", "0"], 2, ["--runs"]),
     "bench missing bundle": (lambda t, c: ["bench", "--bundle", str(t / "none")], 2, ["does not exist"]),
@@ -440,6 +449,15 @@ CASES = {
     "generate in a kernel folder": (lambda t, c: ["generate", "--prompt", "a cat", "--out", "/proc/x.png"],
                                     2, ["cannot write into /proc"]),
 }  # fmt: skip
+
+
+def smaller_model(tmp, ctx) -> str:
+    """The embedded model sampling 8x8 latents instead of 16x16 (its UNet is convolutional: it
+    runs at either size)."""
+    model = shutil.copytree(ctx["model"], tmp / "smaller")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 8}))
+    return str(model)
 
 
 def out_path(tmp, ctx, where: str) -> str:

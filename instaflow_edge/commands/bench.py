@@ -197,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
     reference, inputs = benchmark.open_reference(
         model, reference_device(args.device), args.batch, args.prompt
     )
+    if args.bundle is not None:
+        from instaflow_edge.validate import check_comparable
+
+        check_comparable(reference.session, model, manifest)
     if args.bundle is None:
         planned = benchmark.make_bundles(reference.session.pipeline, planned, cache, skipped)
     peers = benchmark.open_peers(args.peers, reference, inputs, args.components, cache)

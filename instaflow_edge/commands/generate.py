@@ -75,7 +75,8 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     prompts = list(prompts)
     if prompts_file is not None:
         if not prompts_file.is_file():
-            raise UserError(f"prompts file {prompts_file} does not exist")
+            why = "is a folder" if prompts_file.is_dir() else "does not exist"
+            raise UserError(f"prompts file {prompts_file} {why}")
         prompts += load_prompts(prompts_file)
     if not prompts:
         raise UserError("no prompt given: use --prompt TEXT or --prompts FILE")
