@@ -6,6 +6,7 @@ Imports only numpy, `tokenizers` and the standard library (never torch): edge bo
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,19 @@ GraphTensor = tuple[tuple[int | None, ...] | None, str | None]
 
 class RuntimeUnavailable(UserError):
     """This runtime cannot run here: not installed, wrong OS, or the device is absent."""
+
+
+def thread_count(threads: int) -> int:
+    """A runtime's `threads` option, at least 1 and at most the CPUs this process may run on:
+    more threads than CPUs only wait for each other, and ONNX Runtime starts every thread it is
+    given (threads=100000 had not started in 5 minutes)."""
+    if threads < 1:
+        raise UserError("threads must be at least 1")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and threads > cpus:
+        logger.warning("threads=%d is more than the %d CPUs here: running %d", threads, cpus, cpus)
+        return cpus
+    return threads
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from instaflow_edge.runtimes.base import (
     RuntimeOptions,
     RuntimeUnavailable,
     Session,
+    thread_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,9 +127,7 @@ def _session_options(ort, component: str, options: OnnxRuntimeOptions):
         "all": level.ORT_ENABLE_ALL,
     }[options.graph_optimization]
     if options.threads is not None:
-        if options.threads < 1:
-            raise UserError("threads must be at least 1")
-        session_options.intra_op_num_threads = options.threads
+        session_options.intra_op_num_threads = thread_count(options.threads)
     if component != "generator" and not options.spinning:
         # tiny model, 2 cores: end to end 23 ms with spinning threads, 15 ms without
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -22,6 +22,7 @@ from instaflow_edge.runtimes.base import (
     RuntimeOptions,
     RuntimeUnavailable,
     Session,
+    thread_count,
 )
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
@@ -73,9 +74,7 @@ def compile_config(options: OpenVinoOptions) -> dict[str, str]:
     """OpenVINO properties for compile_model from this runtime's options."""
     config = {"PERFORMANCE_HINT": options.performance_hint}
     if options.threads is not None:
-        if options.threads < 1:
-            raise UserError("threads must be at least 1")
-        config["INFERENCE_NUM_THREADS"] = str(options.threads)
+        config["INFERENCE_NUM_THREADS"] = str(thread_count(options.threads))
     if options.cache_dir is not None:
         config["CACHE_DIR"] = str(options.cache_dir)
     if options.inference_precision != "default":

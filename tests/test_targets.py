@@ -11,6 +11,7 @@ nothing; per quantization method: the same promises against the source bundle.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from instaflow_edge.export import get_exporter, target_names
 from instaflow_edge.gates import GateFailed
 from instaflow_edge.manifest import MANIFEST_NAME, BundleError, read_manifest
 from instaflow_edge.metrics import image_psnr
-from instaflow_edge.runtimes import load_session
+from instaflow_edge.runtimes import get_runtime, load_session
 from tests.conftest import component_psnr
 
 TOY = Path(__file__).parent / "toy_target"
@@ -575,7 +576,7 @@ def test_edge_runtime_runs_with_torch_blocked(bundles, unseen, target, tmp_path)
                     raise ImportError(f"{{name}} is blocked")
 
         sys.meta_path.insert(0, Block())
-        from instaflow_edge.runtimes import load_session
+        from instaflow_edge.runtimes import get_runtime, load_session
 
         session = load_session({str(bundles(target))!r})
         ids = session.tokenize({UNSEEN_PROMPTS!r})
@@ -596,6 +597,20 @@ def test_edge_runtime_runs_with_torch_blocked(bundles, unseen, target, tmp_path)
 def test_unknown_runtime_option_names_the_known_ones(bundles, target):
     with pytest.raises(UserError, match="unknown option 'warp_speed'.*known: fused"):
         load_session(bundles(target), warp_speed=True)
+
+
+THREADED = [  # the real targets whose runtime takes a thread count
+    t for t in target_names() if "threads" in get_runtime(get_exporter(t).runtime).options.keys()
+]
+
+
+@pytest.mark.parametrize("target", THREADED)
+def test_threads_beyond_the_cpus_run_on_the_cpus(bundles, target):
+    cpus = len(os.sched_getaffinity(0))
+    assert load_session(bundles(target), threads=cpus + 1).threads == cpus
+    assert load_session(bundles(target), threads=1).threads == 1
+    with pytest.raises(UserError, match="threads must be at least 1"):
+        load_session(bundles(target), threads=0)
 
 
 CALIBRATED_PRESETS = [  # the real targets' (the toy target registers itself in a fixture)
