@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -508,6 +509,18 @@ class Exporter(ABC):
                 f"{self.target} {manifest.quantization or manifest.precision} bundle missed its "
                 f"parity gates against {against}: {failure_line(failures)}"
             )
+
+
+@contextmanager
+def tracing() -> Iterator[None]:
+    """Trace a module for conversion: no autograd, and none of torch's TracerWarnings (the shape
+    checks in transformers' and diffusers' code that a trace keeps as constants: a bundle's sizes
+    are fixed by design, and its parity is checked after conversion)."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 # -- bundle files ---------------------------------------------------------------------------------

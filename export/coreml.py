@@ -33,6 +33,7 @@ from instaflow_edge.export.base import (
     ExportOptions,
     Quantization,
     QuantizeOptions,
+    tracing,
 )
 from instaflow_edge.metrics import tensor_metrics
 from instaflow_edge.options import option
@@ -247,7 +248,7 @@ class CoreMLExporter(Exporter):
         spec, options = job.spec, job.options
         inputs = tuple(torch.from_numpy(job.example[t.name]) for t in spec.inputs)
         with attention_variant(job.module, options.attention) as variant:
-            with torch.no_grad():
+            with tracing():
                 traced = torch.jit.trace(job.module, inputs)
             if variant:
                 changed = run_module(job.module, spec, job.example)

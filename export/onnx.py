@@ -28,6 +28,7 @@ from instaflow_edge.export.base import (
     Int8QuantizeOptions,
     Preset,
     Quantization,
+    tracing,
 )
 from instaflow_edge.memory import return_freed_memory
 from instaflow_edge.options import option
@@ -168,8 +169,7 @@ def export_graph(module, spec: ComponentSpec, path: Path, example: dict[str, np.
         for t in tensors
     }
     inputs = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts, as constants
+    with tracing(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter
         torch.onnx.export(
             module,

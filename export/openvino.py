@@ -23,6 +23,7 @@ from instaflow_edge.export.base import (
     Int8QuantizeOptions,
     Preset,
     Quantization,
+    tracing,
 )
 from instaflow_edge.options import option
 
@@ -105,7 +106,7 @@ class OpenVinoExporter(Exporter):
         import torch
 
         inputs = {name: torch.from_numpy(value) for name, value in job.example.items()}
-        with torch.no_grad():
+        with tracing():
             model = ov.convert_model(job.module, example_input=inputs)
         for port, tensor in zip(model.outputs, job.spec.outputs, strict=True):
             port.get_tensor().set_names({tensor.name})

@@ -57,6 +57,9 @@ def _configure_logging(quiet: bool) -> None:
     logging.captureWarnings(False)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # coremltools warns at import about its untested torch and scikit-learn versions and, off
+    # macOS, about each native proxy it lacks (ten lines before any output of ours)
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,15 +62,6 @@ def test_cli_refuses_a_tampered_bundle_in_one_line(onnx_bundle, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_export_writes_a_bundle_and_prints_parity(tmp_path):
-    result = run_cli("export", "--out", str(tmp_path / "b"))
-    assert result.returncode == 0, result.stderr
-    assert f"bundle: {tmp_path / 'b'} (onnx, fp32, 3 graphs)" in result.stdout
-    assert "unet" in result.stdout and "tensor PSNR" in result.stdout
-    again = run_cli("export", "--out", str(tmp_path / "b"))
-    assert_one_line_error(again, "already exists", "--overwrite")
-
-
 def test_cli_export_overwrite_never_deletes_a_folder_that_is_not_a_bundle(tmp_path):
     folder = tmp_path / "work"
     folder.mkdir()

@@ -32,7 +32,7 @@ from instaflow_edge.gates import GateFailed
 from instaflow_edge.manifest import MANIFEST_NAME, BundleError, read_manifest
 from instaflow_edge.metrics import image_psnr
 from instaflow_edge.runtimes import get_runtime, load_session
-from tests.conftest import component_psnr
+from tests.conftest import assert_one_line_error, component_psnr, run_cli
 
 TOY = Path(__file__).parent / "toy_target"
 TARGETS = ["onnx", "openvino", "coreml", "toy"]
@@ -597,6 +597,20 @@ def test_edge_runtime_runs_with_torch_blocked(bundles, unseen, target, tmp_path)
 def test_unknown_runtime_option_names_the_known_ones(bundles, target):
     with pytest.raises(UserError, match="unknown option 'warp_speed'.*known: fused"):
         load_session(bundles(target), warp_speed=True)
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_the_cli_export_prints_the_bundle_and_its_parity_and_no_library_noise(tmp_path, target):
+    out = tmp_path / "b"
+    result = run_cli("export", "--target", target, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    precision = get_exporter(target).default_precision
+    assert f"bundle: {out} ({target}, {precision}, 3 graphs)" in result.stdout
+    assert "unet" in result.stdout and "tensor PSNR" in result.stdout
+    noise = [line for line in result.stderr.splitlines() if "Warning" in line or "Failed" in line]
+    assert noise == []  # torch's TracerWarnings, coremltools' import warnings
+    again = run_cli("export", "--target", target, "--out", str(out))
+    assert_one_line_error(again, "already exists", "--overwrite")
 
 
 THREADED = [  # the real targets whose runtime takes a thread count
