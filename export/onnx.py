@@ -141,6 +141,11 @@ class OnnxExporter(Exporter):
         return write_client_files(staging, pipeline, self.layout)
 
     def quantize_component(self, job: Quantization) -> bool:
+        with _root_logger_held():
+            self._quantize_component(job)
+        return True
+
+    def _quantize_component(self, job: Quantization) -> None:
         if job.method == "fp16":
             kept = convert_to_fp16(job.source, job.dest, job.reference, job.spec)
             if kept:
@@ -154,7 +159,20 @@ class OnnxExporter(Exporter):
             kept_float = nodes_reading(job.source, COMPONENTS[job.spec.name].float_inputs)
             seven_bit = job.options.seven_bit_weights
             quantize_dynamic_int8(job.source, job.dest, all_ops, seven_bit, kept_float)
-        return True
+
+
+@contextlib.contextmanager
+def _root_logger_held() -> Iterator[None]:
+    """ONNX Runtime's quantization tools report through the root logger (`logging.warning`: "Please
+    consider to run pre-processing", on every component), which also configures it to print
+    every later root message: the root logger holds a handler that drops them while they run."""
+    root = logging.getLogger()
+    held = logging.NullHandler()
+    root.addHandler(held)
+    try:
+        yield
+    finally:
+        root.removeHandler(held)
 
 
 # -- writing graphs -----------------------------------------------------------------------------

@@ -53,6 +53,10 @@ def _configure_logging(quiet: bool) -> None:
     logger = logging.getLogger("instaflow_edge")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
+    if quiet:
+        from instaflow_edge.quiet import no_progress_bars
+
+        no_progress_bars()
     logger.propagate = False
     logging.captureWarnings(False)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -8,3 +8,16 @@ def quiet_libraries() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
+
+
+def no_progress_bars() -> None:
+    """`--quiet`: no progress bar from any code in this process, ours or a library's (coremltools
+    draws four per converted graph). Every bar is a tqdm, whatever `disable` its caller passed."""
+    from tqdm import std
+
+    draw = std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs):
+        draw(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = disabled

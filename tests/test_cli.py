@@ -74,10 +74,17 @@ def test_generate_writes_the_same_png_for_the_same_seed(tmp_path):
 def test_generate_many_prompts_numbers_the_files(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\ntwo blue squares\na green triangle\n")
-    result = run_cli(
-        "generate", "--prompts", str(prompts), "--batch-size", "2", "--out", str(tmp_path / "x.png")
+    result = run_cli(  # --quiet: no progress bar (two batches), no info line
+        "-q",
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "x.png"),
     )
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert sorted(p.name for p in tmp_path.glob("x-*.png")) == [
         "x-000.png",
         "x-001.png",

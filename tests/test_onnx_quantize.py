@@ -284,3 +284,12 @@ def test_the_fastest_cpu_preset_quantizes_its_export_and_keeps_no_source(pipelin
     assert (manifest.precision, manifest.quantization) == ("fp32", "int8-dynamic")
     assert manifest.details["preset"] == "fastest-cpu" and manifest.runtime_options == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fast"]  # its source export is gone
+
+
+def test_cli_quantize_prints_our_lines_only(onnx_bundle, tmp_path):
+    result = run_cli("quantize", "--bundle", str(onnx_bundle), "--method", "int8-dynamic",
+                     "--out", str(tmp_path / "q"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "parity vs source bundle" in result.stdout
+    # ONNX Runtime's quantizer advises through the root logger ("WARNING:root:Please consider...")
+    assert "WARNING:root" not in result.stderr
