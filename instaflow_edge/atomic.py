@@ -85,22 +85,25 @@ def check_replaceable(final: Path, overwrite: bool, marker: str | None = None) -
     return True
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, flag: str = "--out") -> None:
     """Refuse, as a user's mistake, a folder that can be neither made nor written: the nearest of
     it and its parents that exists is not a folder, or takes no new entries (read-only, no
     permission, a kernel file system). Commands call it before long work, so that an output
-    nobody can write is refused first, not after the work."""
+    nobody can write is refused first, not after the work. `flag` is the option that chose it."""
     folder = Path(folder).absolute()
     existing = folder
     while not existing.exists() and not existing.is_symlink():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"cannot write into {folder}: {existing} is not a folder")
+        raise UserError(
+            f"cannot write into {folder}: {existing} is not a folder; choose another {flag}"
+        )
     try:
         tempfile.TemporaryDirectory(prefix=".instaflow-edge-probe-", dir=existing).cleanup()
     except OSError as error:
         raise UserError(
-            f"cannot write into {folder}: {existing} takes no new files ({error.strerror})"
+            f"cannot write into {folder}: {existing} takes no new files ({error.strerror}); "
+            f"choose another {flag}"
         ) from None
 
 

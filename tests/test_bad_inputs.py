@@ -429,7 +429,7 @@ CASES = {
     # outputs nobody can write, refused before any work: under a file, or where no file can be made
     **{
         f"{name} {where}": (lambda t, c, a=args, w=where: a(c, out_path(t, c, w)),
-                            2, ["cannot write into"])
+                            2, ["cannot write into", f"choose another {args({'bundle': ''}, '')[-2]}"])
         for name, args in {
             "export out": lambda c, o: ["export", "--out", o],
             "quantize out": lambda c, o: ["quantize", "--bundle", str(c["bundle"]), "--method",
@@ -447,7 +447,7 @@ CASES = {
                                             out_path(t, c, "under a file") + ".png"],
                               2, ["does not exist"]),
     "generate in a kernel folder": (lambda t, c: ["generate", "--prompt", "a cat", "--out", "/proc/x.png"],
-                                    2, ["cannot write into /proc"]),
+                                    2, ["cannot write into /proc", "choose another --out"]),
 }  # fmt: skip
 
 

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         check_replaceable(args.out, args.overwrite, RESULTS)  # before any work
     cache = args.cache or default_cache()
     if args.bundle is None or any(peer in CLIENT_PEERS for peer in args.peers):
-        check_writable(cache)  # where bundles and the clients' exports are made
+        check_writable(cache, "--cache")  # where bundles and the clients' exports are made
 
     from instaflow_edge import benchmark
     from instaflow_edge.commands.common import reference_device

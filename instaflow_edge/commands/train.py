@@ -128,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
                 f"--{flag.replace('_', '-')} does not apply to {run_name}: it is for "
                 + ", ".join("--recipe" if run == "recipe" else run for run in runs)
             )
-    check_writable(args.out or args.workdir or RECIPE_WORKDIR)  # before any work
+    check_writable(
+        args.out or args.workdir or RECIPE_WORKDIR, "--workdir" if args.recipe else "--out"
+    )  # before any work
     if args.stage in ("reflow", "distill") and (args.pairs is None) == (args.prompts is None):
         raise UserError(
             f"the {args.stage} stage needs --pairs DIR (made by the pairs stage) or --prompts "

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     default_set = "synthetic" if reference in ("tiny", "embedded:tiny") else "general"
     prompts = load_prompts(args.prompts or default_set, args.limit)
     report_dir = args.report or args.bundle.with_name(f"{args.bundle.name}-report")
-    check_writable(report_dir)  # before the comparison, not after it
+    check_writable(report_dir, "--report")  # before the comparison, not after it
     options = runtime_options(args.bundle, args.runtime_option)
 
     from instaflow_edge.quiet import quiet_libraries
