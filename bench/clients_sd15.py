@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from clients.matrix import PROMPT, Row, check, client_version, our_image  # noqa: E402
+from clients.matrix import PROMPT, Row, check, client_version  # noqa: E402
 from instaflow_edge.commands.generate import seeded_noise  # noqa: E402
 from instaflow_edge.diffusers_format import SCHEDULER_CONFIG  # noqa: E402
 from instaflow_edge.manifest import read_manifest  # noqa: E402
 from instaflow_edge.metrics import image_psnr  # noqa: E402
-from instaflow_edge.recipe import ONE_STEP_TIMESTEP, to_uint8  # noqa: E402
+from instaflow_edge.recipe import decoder_input, to_uint8  # noqa: E402
 from instaflow_edge.runtimes import load_session  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "clients_sd15.json"
@@ -44,21 +44,16 @@ def client_sigma() -> float:
     return float(scheduler.sigmas[0])
 
 
-def ours_at_sigma(folder: Path, noise: np.ndarray, sigma: float) -> float:
-    """PSNR of our runtime's image stepped from `sigma` instead of 1 against its own image."""
-    manifest = read_manifest(folder)
+def our_images(folder: Path, noise: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Our runtime's image of the prompt (what `clients.matrix.our_image` makes: the one-step
+    recipe from three graphs), and the same UNet output stepped from `sigma` instead of 1."""
     session = load_session(folder, fused=False)
-    ids = session.tokenize([PROMPT])
-    states = session.run("text_encoder", {"input_ids": ids})["last_hidden_state"]
-    timestep = np.full((1,), ONE_STEP_TIMESTEP, np.float32)
-    feeds = {"sample": noise, "timestep": timestep, "encoder_hidden_states": states}
-    out = session.run("unet", feeds)["out_sample"]
-    scale = manifest.sampling.vae_scaling_factor
-    images = [
-        to_uint8(session.run("vae_decoder", {"latent_sample": (noise - s * out) / scale})["sample"])
-        for s in (1.0, sigma)
-    ]
-    return image_psnr(images[0], images[1])
+    io = session.component_io(session.tokenize([PROMPT]), noise)
+    latents = decoder_input(
+        noise, sigma * io["unet"]["out_sample"], session.recipe.vae_scaling_factor
+    )
+    shifted = session.run("vae_decoder", {"latent_sample": latents})["sample"]
+    return to_uint8(io["vae_decoder"]["sample"]), to_uint8(shifted)
 
 
 def main() -> int:
@@ -73,9 +68,9 @@ def main() -> int:
             manifest = read_manifest(Path(folder))
             row = Row(client, manifest.target, manifest.quantization)
             noise = seeded_noise(range(1), tuple(manifest.sampling.latent_shape))
-            ours = our_image(row, Path(folder), None, noise)
+            ours, ours_shifted = our_images(Path(folder), noise, sigma)
             report = check(row, Path(folder), noise, ours, Path(scratch))
-            shifted = ours_at_sigma(Path(folder), noise, sigma)
+            shifted = image_psnr(ours, ours_shifted)
             results.append(
                 {
                     "row": row.name,

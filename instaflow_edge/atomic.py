@@ -50,7 +50,7 @@ def atomic_directory(
     check_writable(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(final):
-        existed = check_replaceable(final, overwrite, marker)
+        existed = _check_existing(final, overwrite, marker)
         _remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL}", dir=final.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary
@@ -71,6 +71,11 @@ def check_replaceable(final: Path, overwrite: bool, marker: str | None = None) -
     """Whether `final` exists; refuse it unless it may be replaced (commands call this before
     long work too, so that a refusal comes first)."""
     check_writable(final.parent)
+    return _check_existing(final, overwrite, marker)
+
+
+def _check_existing(final: Path, overwrite: bool, marker: str | None) -> bool:
+    """`check_replaceable` once its folder is known to be writable."""
     if not final.exists() and not final.is_symlink():
         return False
     if not overwrite:

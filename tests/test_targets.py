@@ -576,7 +576,7 @@ def test_edge_runtime_runs_with_torch_blocked(bundles, unseen, target, tmp_path)
                     raise ImportError(f"{{name}} is blocked")
 
         sys.meta_path.insert(0, Block())
-        from instaflow_edge.runtimes import get_runtime, load_session
+        from instaflow_edge.runtimes import load_session
 
         session = load_session({str(bundles(target))!r})
         ids = session.tokenize({UNSEEN_PROMPTS!r})

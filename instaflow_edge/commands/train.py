@@ -128,9 +128,11 @@ def run(args: argparse.Namespace) -> int:
                 f"--{flag.replace('_', '-')} does not apply to {run_name}: it is for "
                 + ", ".join("--recipe" if run == "recipe" else run for run in runs)
             )
-    check_writable(
-        args.out or args.workdir or RECIPE_WORKDIR, "--workdir" if args.recipe else "--out"
-    )  # before any work
+    workdir = args.workdir or RECIPE_WORKDIR  # the recipe's folder
+    if args.recipe:  # before any work
+        check_writable(workdir, "--workdir")
+    else:
+        check_writable(args.out)
     if args.stage in ("reflow", "distill") and (args.pairs is None) == (args.prompts is None):
         raise UserError(
             f"the {args.stage} stage needs --pairs DIR (made by the pairs stage) or --prompts "
@@ -163,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe:
         from instaflow_edge.train.recipe import run_recipe
 
-        workdir = args.workdir or RECIPE_WORKDIR
         summary = run_recipe(workdir, args.scale or "full", config, args.resume, world)
         if world.is_main:
             print((workdir / "eval" / "table.md").read_text(), end="")
